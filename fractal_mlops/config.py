@@ -1,0 +1,351 @@
+"""Typed, validated experiment configuration: the one place for defaults and config errors.
+
+An experiment YAML has five sections (all optional except what differs from the defaults):
+
+    study_name: fractalnet-quickstart
+    data:     {name: digits | cifar10 | synthetic, root: ..., val_fraction: 0.2, ...}
+    space:    {blocks: [..], columns: [..], unit: [..], norm: [..], activation: [..],
+               dropout: [..], drop_path: [..], width: [..]}
+    training: {epochs, batch_size, lr, momentum, weight_decay, optimizer, seed, amp,
+               grad_checkpointing, channels_last}
+    pruning:  {warmup_epochs, chance_margin, pruner: none | median | successive_halving}
+    run:      {tracking_uri, storage, device: auto | cpu | cuda, workers, n_trials}
+
+Command-line flags override the `run` section.
+
+This module imports no torch, so that reading a config (and `--help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line on stderr with exit code 2."""
+
+
+# Input shape (channels, height, width) and class count of each dataset, known without loading it.
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8),
+    "cifar10": (3, 32, 32),
+    "synthetic": (3, 8, 8),
+}
+DATASET_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
+
+UNIT_OPS = ("conv", "norm", "act", "drop")
+NORMS = ("batch", "group", "layer", "none")
+# Activation names that timm's create_act_layer builds (plus "none").
+ACTIVATIONS = (
+    "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "gelu_tanh", "silu",
+    "swish", "mish", "sigmoid", "tanh", "hard_sigmoid", "hard_swish", "hard_mish", "prelu",
+    "none",
+)
+DROP_PATHS = ("none", "local", "local+global")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("sgd", "adamw")
+PRUNERS = ("none", "median", "successive_halving")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_COLUMNS = 8
+
+# A dimension the YAML leaves out keeps this single value.
+SPACE_DEFAULTS: dict[str, list[Any]] = {
+    "blocks": [3],
+    "columns": [3],
+    "unit": ["conv-norm-act-drop"],
+    "norm": ["batch"],
+    "activation": ["relu"],
+    "dropout": [0.0],
+    "drop_path": ["local+global"],
+    "width": [64],
+}
+DIMENSIONS = tuple(SPACE_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None  # cifar10: an ImageFolder tree (train/, test/) or torchvision's root
+    download: bool = False  # cifar10 via torchvision when root is not an ImageFolder tree
+    val_fraction: float = 0.2  # digits / synthetic: held-out share (stratified, fixed seed)
+    flip: bool | None = None  # random horizontal flip in training; default: True for cifar10
+    train_limit: int | None = None  # use only the first N training images (stratified order)
+    val_limit: int | None = None
+    synthetic_size: int = 600
+    cache_dir: str | None = None  # decoded ImageFolder cache; default ~/.cache/fractal_mlops
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return DATASET_SHAPES[self.name]
+
+    @property
+    def num_classes(self) -> int:
+        return DATASET_CLASSES[self.name]
+
+    @property
+    def use_flip(self) -> bool:
+        return self.name == "cifar10" if self.flip is None else self.flip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    seed: int = 0
+    amp: str = "off"
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    warmup_epochs: int = 1  # epochs before the divergence check applies
+    chance_margin: float = 0.05  # val_acc <= 1/num_classes + margin after warm-up: pruned
+    pruner: str = "none"  # an Optuna pruner combined with the divergence check
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
+    storage: str | None = None  # default: a journal file under mlruns/
+    device: str = "auto"
+    workers: int = 1
+    n_trials: int | None = None  # cap on trials started by one invocation
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    study_name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    space: dict[str, list[Any]] = field(default_factory=lambda: dict(SPACE_DEFAULTS))
+    training: TrainConfig = field(default_factory=TrainConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = ""  # where it was read from
+
+    def to_dict(self) -> dict[str, Any]:
+        """What defines the experiment's results; `run` (where it runs, credentials) is left out."""
+        out = asdict(self)
+        out.pop("source")
+        out.pop("run")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+def default_config_path() -> Path:
+    """experiments/quickstart.yaml as shipped inside the package (works from any directory)."""
+    return Path(str(resources.files("fractal_mlops") / "experiments" / "quickstart.yaml"))
+
+
+def resolve_config_path(path: str | None) -> Path:
+    if path is None:
+        return default_config_path()
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    shipped = Path(str(resources.files("fractal_mlops") / "experiments" / candidate.name))
+    if not candidate.parent.parts and shipped.exists():  # a bare name such as paper_cifar10.yaml
+        return shipped
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | None = None) -> ExperimentConfig:
+    resolved = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(resolved.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {resolved}: {exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"config {resolved} is not valid YAML{line}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {resolved} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_config(raw, source=str(resolved))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    known = {"study_name", "data", "space", "training", "pruning", "run"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r} (expected one of {sorted(known)})")
+    study_name = raw.get("study_name", Path(source).stem if source != "<dict>" else "fractalnet")
+    if not isinstance(study_name, str) or not study_name.strip():
+        raise ConfigError("study_name must be a non-empty string")
+    data = _section(DataConfig, raw.get("data"), "data")
+    training = _section(TrainConfig, raw.get("training"), "training")
+    pruning = _section(PruningConfig, raw.get("pruning"), "pruning")
+    _check_data(data)
+    _check_training(training)
+    _check_pruning(pruning)
+    run = check_run(_section(RunConfig, raw.get("run"), "run"))
+    space = _check_space(raw.get("space"), data)
+    return ExperimentConfig(study_name.strip(), data, space, training, pruning, run, source)
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    allowed = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown key {name}.{key} (expected one of {sorted(allowed)})")
+        values[key] = _coerce(value, allowed[key].type, f"{name}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    kinds = annotation.replace(" ", "").split("|")
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    expected = " or ".join(k for k in kinds if k != "None")
+    raise ConfigError(f"{where} must be {expected}, got {value!r}")
+
+
+def _check_data(data: DataConfig) -> None:
+    if data.name not in DATASET_SHAPES:
+        raise ConfigError(f"data.name {data.name!r} is unknown (expected one of {sorted(DATASET_SHAPES)})")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {data.val_fraction}")
+    for key in ("train_limit", "val_limit"):
+        value = getattr(data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be a positive number, got {value}")
+    if data.synthetic_size < 20:
+        raise ConfigError(f"data.synthetic_size must be at least 20, got {data.synthetic_size}")
+
+
+def _check_training(t: TrainConfig) -> None:
+    for key in ("epochs", "batch_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"training.{key} must be a positive number, got {getattr(t, key)}")
+    if not t.lr > 0 or not math.isfinite(t.lr):
+        raise ConfigError(f"training.lr must be a positive number, got {t.lr}")
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"training.momentum must be in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"training.weight_decay must not be negative, got {t.weight_decay}")
+    if t.seed < 0:
+        raise ConfigError(f"training.seed must not be negative, got {t.seed}")
+    _one_of(t.optimizer, OPTIMIZERS, "training.optimizer")
+    _one_of(t.amp, AMP_MODES, "training.amp")
+
+
+def _check_pruning(p: PruningConfig) -> None:
+    if p.warmup_epochs < 0:
+        raise ConfigError(f"pruning.warmup_epochs must not be negative, got {p.warmup_epochs}")
+    if not 0.0 <= p.chance_margin < 1.0:
+        raise ConfigError(f"pruning.chance_margin must be in [0, 1), got {p.chance_margin}")
+    _one_of(p.pruner, PRUNERS, "pruning.pruner")
+
+
+def check_run(r: RunConfig) -> RunConfig:
+    _one_of(r.device, DEVICES, "device")
+    if r.workers < 1:
+        raise ConfigError(f"workers must be a positive number, got {r.workers}")
+    if r.n_trials is not None and r.n_trials < 1:
+        raise ConfigError(f"n_trials must be a positive number, got {r.n_trials}")
+    return r
+
+
+def _one_of(value: Any, allowed: tuple, where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} {value!r} is unknown (expected one of {', '.join(allowed)})")
+
+
+def parse_unit(unit: Any, where: str = "space.unit") -> tuple[str, ...]:
+    """'conv-norm-act-drop' -> ('conv', 'norm', 'act', 'drop'), checked."""
+    if not isinstance(unit, str) or not unit.strip():
+        raise ConfigError(f"{where} entries must be strings such as 'conv-norm-act', got {unit!r}")
+    ops = tuple(op.strip() for op in unit.strip().lower().split("-"))
+    for op in ops:
+        if op not in UNIT_OPS:
+            raise ConfigError(f"{where} {unit!r}: unknown op {op!r} (expected conv, norm, act, drop)")
+    if ops.count("conv") != 1:
+        raise ConfigError(f"{where} {unit!r} must contain exactly one conv")
+    repeated = sorted({op for op in ops if ops.count(op) > 1})
+    if repeated:
+        raise ConfigError(f"{where} {unit!r} repeats {repeated[0]!r} (each op at most once)")
+    return ops
+
+
+def _check_space(raw: Any, data: DataConfig) -> dict[str, list[Any]]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config section 'space' must be a mapping of dimension -> list of values")
+    unknown = sorted(set(raw) - set(DIMENSIONS))
+    if unknown:
+        raise ConfigError(f"unknown space dimension {unknown[0]!r} (expected one of {list(DIMENSIONS)})")
+    space: dict[str, list[Any]] = {}
+    for dim in DIMENSIONS:
+        values = raw.get(dim, SPACE_DEFAULTS[dim])
+        if not isinstance(values, list):
+            values = [values]
+        if not values:
+            raise ConfigError(f"space.{dim} is empty: give at least one value")
+        space[dim] = [_check_value(dim, v) for v in values]
+        if len(set(space[dim])) != len(space[dim]):
+            raise ConfigError(f"space.{dim} lists a value twice: {space[dim]}")
+    max_blocks = int(math.log2(min(data.shape[1:])))
+    too_deep = [b for b in space["blocks"] if b > max_blocks]
+    if too_deep:
+        raise ConfigError(
+            f"space.blocks {too_deep[0]} is too deep for {data.name}'s {data.shape[1]}x{data.shape[2]}"
+            f" images: each block halves H and W, so at most {max_blocks} blocks"
+        )
+    return space
+
+
+def _check_value(dim: str, value: Any) -> Any:
+    where = f"space.{dim}"
+    if dim in ("blocks", "columns", "width"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where} values must be positive integers, got {value!r}")
+        if dim == "columns" and value > MAX_COLUMNS:
+            raise ConfigError(f"{where} {value} is too many (at most {MAX_COLUMNS} columns)")
+        return value
+    if dim == "dropout":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+            raise ConfigError(f"{where} values must be numbers in [0, 1), got {value!r}")
+        return float(value)
+    if dim == "unit":
+        return "-".join(parse_unit(value, where))
+    allowed = {"norm": NORMS, "activation": ACTIVATIONS, "drop_path": DROP_PATHS}[dim]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} values must be strings, got {value!r}")
+    _one_of(value.lower(), allowed, where)
+    return value.lower()

@@ -1,0 +1,186 @@
+"""FractalNet (Larsson, Maire, Shakhnarovich 2016, arXiv 1605.07648), built from one variant.
+
+Expansion rule: f_1(z) = unit(z); f_{C+1}(z) = join(f_C(f_C(z)), unit(z)), join = element-wise
+mean over the columns that meet there. Column 1 is the shallowest path (one unit), column C the
+deepest (2^(C-1) units). B blocks, each followed by a 2x2 max-pool; widths double per block,
+capped at 8x the first; a linear head on the globally pooled features.
+
+Drop-path (training only): "local" drops each join input with probability p (at least one kept);
+"local+global" also picks, for half of the mini-batches, one column that the whole network uses.
+Any single column can run alone at evaluation time (the anytime property): `model(x, column=k)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from timm.layers import create_act_layer, create_norm_layer
+from timm.models import register_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import parse_unit
+
+TIMM_NORMS = {"batch": "batchnorm2d", "group": "groupnorm", "layer": "layernorm2d"}
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":  # 32 groups as in Wu & He, fewer when the channels do not divide
+        return create_norm_layer("groupnorm", channels, num_groups=math.gcd(32, channels))
+    return create_norm_layer(TIMM_NORMS[kind], channels)
+
+
+def make_unit(in_ch: int, out_ch: int, ops: tuple[str, ...], norm: str, activation: str,
+              dropout: float) -> nn.Sequential:
+    """A 3x3 conv plus norm / act / dropout in the template's order."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = in_ch
+    for i, op in enumerate(ops):
+        if op == "conv":
+            norm_follows = "norm" in ops[i + 1:] and norm != "none"
+            layers["conv"] = nn.Conv2d(channels, out_ch, 3, padding=1, bias=not norm_follows)
+            channels = out_ch
+        elif op == "norm" and norm != "none":
+            layers["norm"] = make_norm(norm, channels)
+        elif op == "act" and activation != "none":
+            # never in place: a block's input feeds several columns
+            layers["act"] = create_act_layer(activation, inplace=False)
+        elif op == "drop" and dropout > 0:
+            layers["drop"] = nn.Dropout(dropout)
+    return nn.Sequential(layers)
+
+
+def join(inputs: list[Tensor], drop_prob: float) -> Tensor:
+    """Mean of the inputs; with drop_prob > 0 each is dropped, keeping at least one."""
+    if len(inputs) > 1 and drop_prob > 0:
+        keep = (torch.rand(len(inputs)) >= drop_prob).tolist()
+        if not any(keep):
+            keep[int(torch.randint(len(inputs), ()))] = True
+        inputs = [x for x, kept in zip(inputs, keep) if kept]
+    if len(inputs) == 1:
+        return inputs[0]
+    return torch.stack(inputs).mean(0)
+
+
+class FractalPath(nn.Module):
+    """f_C: returns the outputs of its columns (shallowest first), not yet joined."""
+
+    def __init__(self, columns: int, in_ch: int, out_ch: int,
+                 unit: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        self.columns = columns
+        self.shallow = unit(in_ch, out_ch)
+        if columns > 1:
+            self.first = FractalPath(columns - 1, in_ch, out_ch, unit)
+            self.second = FractalPath(columns - 1, out_ch, out_ch, unit)
+
+    def forward(self, z: Tensor, column: int | None = None, drop_prob: float = 0.0) -> list[Tensor]:
+        if column == 1 or self.columns == 1:
+            return [self.shallow(z)]
+        if column is not None:  # one column alone: only the units on its path run
+            middle = self.first(z, column - 1)[0]
+            return self.second(middle, column - 1)
+        middle = join(self.first(z, None, drop_prob), drop_prob)
+        return [self.shallow(z), *self.second(middle, None, drop_prob)]
+
+
+class FractalBlock(nn.Module):
+    def __init__(self, columns: int, in_ch: int, out_ch: int,
+                 unit: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        self.path = FractalPath(columns, in_ch, out_ch, unit)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor, column: int | None = None, drop_prob: float = 0.0) -> Tensor:
+        return self.pool(join(self.path(x, column, drop_prob), drop_prob))
+
+
+class FractalNet(nn.Module):
+    def __init__(
+        self,
+        blocks: int = 5,
+        columns: int = 3,
+        width: int = 64,
+        unit: str = "conv-norm-act-drop",
+        norm: str = "batch",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        drop_path: str = "local+global",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        local_drop_prob: float = 0.15,
+        grad_checkpointing: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        ops = parse_unit(unit, "unit")
+        if drop_path not in ("none", "local", "local+global"):
+            raise ValueError(f"drop_path {drop_path!r} must be none, local or local+global")
+        self.columns = columns
+        self.drop_path = drop_path if columns > 1 else "none"
+        self.local_drop_prob = local_drop_prob
+        self.grad_checkpointing = grad_checkpointing
+        self.variant_name = name
+        self.num_classes = num_classes
+
+        def unit_factory(cin: int, cout: int) -> nn.Module:
+            return make_unit(cin, cout, ops, norm, activation, dropout)
+
+        widths = [min(width * 2**i, width * 8) for i in range(blocks)]
+        self.blocks = nn.ModuleList(
+            FractalBlock(columns, cin, cout, unit_factory)
+            for cin, cout in zip([in_chans, *widths[:-1]], widths)
+        )
+        self.num_features = widths[-1]
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(self.num_features, num_classes))
+
+    def extra_repr(self) -> str:
+        return f"columns={self.columns}, drop_path={self.drop_path}, p_local={self.local_drop_prob}"
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:  # timm's name for the switch
+        self.grad_checkpointing = enable
+
+    def _drop_plan(self) -> tuple[int | None, float]:
+        """(global column or None, local drop probability) for one training mini-batch."""
+        if not self.training or self.drop_path == "none":
+            return None, 0.0
+        if self.drop_path == "local+global" and torch.rand(()) < 0.5:
+            return int(torch.randint(1, self.columns + 1, ())), 0.0
+        return None, self.local_drop_prob
+
+    def forward_features(self, x: Tensor, column: int | None = None) -> Tensor:
+        drop_column, drop_prob = self._drop_plan() if column is None else (column, 0.0)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, drop_column, drop_prob, use_reentrant=False)
+            else:
+                x = block(x, drop_column, drop_prob)
+        return x
+
+    def forward(self, x: Tensor, column: int | None = None) -> Tensor:
+        """Class scores; `column=k` runs column k of every block alone (anytime prediction)."""
+        if column is not None and not 1 <= column <= self.columns:
+            raise ValueError(f"column must be in 1..{self.columns}, got {column}")
+        return self.head(self.forward_features(x, column))
+
+
+@register_model
+def fractalnet(pretrained: bool = False, **kwargs) -> FractalNet:
+    """timm entry point: timm.create_model("fractalnet", blocks=5, columns=3, ...)."""
+    if pretrained:
+        raise ValueError("fractalnet has no pretrained weights")
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    return FractalNet(**kwargs)
+
+
+def build_model(variant: dict, num_classes: int, in_chans: int, **options) -> FractalNet:
+    return FractalNet(**variant, num_classes=num_classes, in_chans=in_chans, **options)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

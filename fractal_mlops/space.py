@@ -1,0 +1,109 @@
+"""The template grid: enumerate the configured dimensions into distinct, canonically named variants.
+
+A dimension that a variant's unit does not use must not multiply the grid: with a unit that has
+no `norm`, every norm value builds the same network, so the variant keeps norm="none". The same
+holds for `act` / activation, `drop` / dropout, and drop-path with a single column. An op whose
+value makes it a no-op (norm "none", activation "none", dropout 0) is dropped from the unit.
+
+    python -m fractal_mlops.space [--config PATH] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import DIMENSIONS, ConfigError, ExperimentConfig, load_config
+
+DROP_PATH_SHORT = {"none": "dp0", "local": "dpL", "local+global": "dpLG"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One grid point. Its fields (plus `name`) are keyword arguments of timm's `fractalnet`."""
+
+    blocks: int
+    columns: int
+    width: int
+    unit: str
+    norm: str
+    activation: str
+    dropout: float
+    drop_path: str
+
+    @property
+    def name(self) -> str:
+        """Stable, readable name, e.g. b3-c3-w64-conv.batch.relu.drop0.1-dpLG."""
+        values = {"conv": "conv", "norm": self.norm, "act": self.activation,
+                  "drop": f"drop{self.dropout:g}"}
+        ops = ".".join(values[op] for op in self.unit.split("-"))
+        return f"b{self.blocks}-c{self.columns}-w{self.width}-{ops}-{DROP_PATH_SHORT[self.drop_path]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "name": self.name}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Variant:
+        return canonical(**{dim: values[dim] for dim in DIMENSIONS})
+
+
+def canonical(blocks: int, columns: int, width: int, unit: str, norm: str, activation: str,
+              dropout: float, drop_path: str) -> Variant:
+    """The variant with no-op ops removed and unused dimensions set to their neutral value."""
+    ops = [op for op in unit.split("-")
+           if not ((op == "norm" and norm == "none")
+                   or (op == "act" and activation == "none")
+                   or (op == "drop" and float(dropout) == 0.0))]
+    return Variant(
+        blocks=int(blocks),
+        columns=int(columns),
+        width=int(width),
+        unit="-".join(ops),
+        norm=norm if "norm" in ops else "none",
+        activation=activation if "act" in ops else "none",
+        dropout=float(dropout) if "drop" in ops else 0.0,
+        drop_path=drop_path if columns > 1 else "none",
+    )
+
+
+def enumerate_variants(space: dict[str, list[Any]]) -> list[Variant]:
+    """All distinct variants of the grid, in a stable order (the order of the config's values)."""
+    seen: dict[Variant, None] = {}
+    for values in itertools.product(*(space[dim] for dim in DIMENSIONS)):
+        seen.setdefault(canonical(**dict(zip(DIMENSIONS, values))), None)
+    return list(seen)
+
+
+def grid(config: ExperimentConfig) -> list[Variant]:
+    return enumerate_variants(config.space)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fractal-mlops space",
+                                     description="Print the size and the variants of a template grid.")
+    parser.add_argument("--config", help="experiment YAML (default: the shipped quickstart.yaml)")
+    parser.add_argument("--json", action="store_true", help="print the variants as a JSON list")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    variants = grid(config)
+    if args.json:
+        json.dump([v.to_dict() for v in variants], sys.stdout, indent=1)
+        print()
+        return 0
+    dims = ", ".join(f"{d}={len(config.space[d])}" for d in DIMENSIONS if len(config.space[d]) > 1)
+    print(f"{config.study_name}: {len(variants)} distinct variants ({dims or 'one point'})")
+    for index, variant in enumerate(variants, 1):
+        print(f"{index:5d}  {variant.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

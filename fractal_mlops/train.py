@@ -1,0 +1,209 @@
+"""Train one variant and yield one result per epoch. Knows nothing of Optuna or MLflow.
+
+    trainer = Trainer(variant, dataset, TrainConfig(...), device=resolve_device("auto"))
+    for result in trainer.epochs():
+        print(result.metrics())          # train/val loss and accuracy, speed, peak memory
+    trainer.column_accuracies()          # {1: acc of column 1 alone, ...} (anytime property)
+
+Same seed, same machine, same thread count: identical epoch results on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .data import Dataset, DeviceLoader
+from .model import FractalNet, build_model, param_count
+
+EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    epoch_seconds: float
+    images_per_second: float
+    host_mem_peak_mb: float
+    gpu_mem_peak_mb: float | None = None  # only when training on CUDA
+    stop_reason: str | None = None  # training cannot go on (a non-finite loss)
+
+    def metrics(self) -> dict[str, float]:
+        """The per-epoch metrics under their MLflow names (gpu_mem_peak_mb only on CUDA)."""
+        values = asdict(self)
+        for key in ("epoch", "stop_reason"):
+            values.pop(key)
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but CUDA is not available on this machine")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is unknown (expected auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CPU and on CUDA that supports it, else fp16 (with a GradScaler)."""
+    if mode == "off":
+        return None
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("training.amp fp16 needs CUDA; use bf16 or auto on the CPU")
+    if mode == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+class PeakMemory:
+    """Per-epoch peak memory: the process's resident set (always) and CUDA allocations."""
+
+    _clear_refs = Path("/proc/self/clear_refs")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM)
+            self._clear_refs.write_text("5")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def host_mb(self) -> float:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak, KiB
+
+    def gpu_mb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+class Trainer:
+    def __init__(self, variant: dict, data: Dataset, settings: TrainConfig,
+                 device: torch.device | str = "cpu", flip: bool = False) -> None:
+        self.device = torch.device(device)
+        self.settings = settings
+        self.amp_dtype = resolve_amp(settings.amp, self.device)
+        seed_everything(settings.seed, self.device)
+        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.model: FractalNet = build_model(
+            {k: v for k, v in variant.items() if k != "name"}, data.num_classes, data.in_chans,
+            grad_checkpointing=settings.grad_checkpointing, name=variant.get("name"),
+        ).to(self.device, memory_format=memory_format)
+        self.param_count = param_count(self.model)
+        self.optimizer = self._optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        loader = dict(mean=data.mean, std=data.std, device=self.device,
+                      channels_last=settings.channels_last)
+        self.train_loader = DeviceLoader(data.train_x, data.train_y, settings.batch_size,
+                                         shuffle=True, flip=flip, seed=settings.seed, **loader)
+        self.val_loader = DeviceLoader(data.val_x, data.val_y, EVAL_BATCH, **loader)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.memory = PeakMemory(self.device)
+        self.train_seconds = 0.0
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        s = self.settings
+        if s.optimizer == "adamw":
+            return torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
+                               weight_decay=s.weight_decay)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_epoch(self) -> tuple[float, float, int]:
+        """One pass over the training set: (mean loss, accuracy, images seen)."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen = 0
+        for images, labels in self.train_loader:
+            with self._autocast():
+                logits = self.model(images)
+                loss = self.loss_fn(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += len(labels)
+        return loss_sum.item() / seen, correct.item() / seen, seen
+
+    @torch.no_grad()
+    def evaluate(self, column: int | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) on the validation set; `column=k` runs column k alone."""
+        self.model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for images, labels in self.val_loader:
+            with self._autocast():
+                logits = self.model(images, column=column).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        return loss_sum / seen, correct / seen
+
+    def epochs(self) -> Iterator[EpochResult]:
+        for epoch in range(1, self.settings.epochs + 1):
+            self.memory.reset()
+            start = time.perf_counter()
+            train_loss, train_acc, seen = self.train_epoch()
+            self._sync()
+            train_time = time.perf_counter() - start
+            val_loss, val_acc = self.evaluate()
+            seconds = time.perf_counter() - start
+            self.train_seconds += seconds
+            stop = None
+            if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
+                which = "train" if not np.isfinite(train_loss) else "validation"
+                stop = f"non-finite {which} loss at epoch {epoch}"
+            yield EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, seconds,
+                              seen / train_time, self.memory.host_mb(), self.memory.gpu_mb(), stop)
+            if stop:
+                return
+
+    def column_accuracies(self) -> dict[int, float]:
+        """Validation accuracy of each column alone (the anytime property)."""
+        return {k: self.evaluate(column=k)[1] for k in range(1, self.model.columns + 1)}
