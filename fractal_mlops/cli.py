@@ -1,0 +1,32 @@
+"""`fractal-mlops <command> ...`: the console script; each command is also `python -m`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "study": "run or resume a study over a template grid (the main job)",
+    "space": "print the size and the variants of a template grid",
+    "promote": "register the best trial's model and move the champion alias",
+    "reproduce": "re-run a trial from its MLflow run ID and compare the metrics",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fractal-mlops {" + ",".join(COMMANDS) + "} ...\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} (expected one of {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(f"fractal_mlops.{command}").main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""The main job: an Optuna study walks the template grid, prunes diverging runs, tracks in MLflow.
+
+    python -m fractal_mlops.study [--config PATH] [--tracking-uri URI] [--storage URL]
+        [--study-name NAME] [--workers N] [--device auto|cpu|cuda] [--n-trials N]
+
+Each worker loops: claim a pending grid point under the study-wide claim lock (marking trials
+of vanished workers FAIL "worker lost" first, so their points become pending again), train it
+through train.py, report val_acc to Optuna each epoch (divergence check + optional pruner),
+log everything to MLflow, tell Optuna. Re-running the command resumes; a finished grid trains
+nothing. `--help` imports neither torch, timm nor mlflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, ExperimentConfig, check_run, load_config
+from .space import Variant, grid
+from .storage import (HEARTBEAT_SECONDS, StorageSpec, check_storage, claim_lock, open_storage,
+                      resolve_storage, worker_identity, worker_is_gone)
+from .tracking import check_tracking_uri, redact, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    import optuna
+
+    from .console import StudyProgress
+    from .data import Dataset
+    from .tracking import Tracker
+
+RETRYABLE = ("worker lost", "interrupted")  # FAIL reasons whose grid point is trained again
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="fractal-mlops study",
+        description="Walk a FractalNet template grid with Optuna, prune diverging variants and "
+                    "track every trial in MLflow. With no arguments: the shipped quickstart "
+                    "(digits, offline) into sqlite:///mlruns/mlflow.db and mlruns/.",
+    )
+    parser.add_argument("--config", help="experiment YAML (default: quickstart.yaml)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--storage", help="Optuna storage: postgresql://..., sqlite:///..., or "
+                        "journal:PATH (default: $FRACTAL_STORAGE, else mlruns/optuna.journal)")
+    parser.add_argument("--study-name", help="study and MLflow experiment name "
+                        "(default: the config's study_name)")
+    parser.add_argument("--workers", type=int, help="worker processes on this host (default 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    parser.add_argument("--n-trials", type=int, help="train at most N grid points in this run")
+    return parser
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    config: ExperimentConfig
+    study_name: str
+    tracking_uri: str
+    storage: StorageSpec
+    device: str
+    workers: int
+    n_trials: int | None
+
+
+def resolve_settings(args: argparse.Namespace) -> StudySettings:
+    """Config + flags + environment, checked; raises ConfigError and touches no store."""
+    config = load_config(args.config)
+    overrides = {k: getattr(args, k) for k in ("device", "workers", "n_trials")
+                 if getattr(args, k) is not None}
+    run = check_run(replace(config.run, **overrides))
+    study_name = config.study_name if args.study_name is None else args.study_name.strip()
+    if not study_name:
+        raise ConfigError("--study-name must not be empty")
+    config = replace(config, study_name=study_name, run=run)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, run.tracking_uri)
+    storage = resolve_storage(args.storage, run.storage)
+    check_storage(storage)
+    check_tracking_uri(tracking_uri)
+    return StudySettings(config, study_name, tracking_uri, storage, run.device, run.workers,
+                         run.n_trials)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .console import error_line, make_console
+
+    try:
+        settings = resolve_settings(args)
+        if settings.workers > 1:
+            return launch_workers(settings, make_console())
+        return run_worker(settings, make_console())
+    except ConfigError as exc:
+        error_line(redact(str(exc)))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        error_line("interrupted: the running trial is marked FAIL (interrupted); "
+                   "run the same command again to resume")
+        return EXIT_INTERRUPTED
+
+
+# -- one worker ----------------------------------------------------------------------------
+
+def run_worker(settings: StudySettings, console) -> int:
+    import optuna
+    import torch
+
+    from .console import StudyProgress, worker_prefix
+    from .data import load_dataset
+    from .tracking import Tracker
+    from .train import resolve_device
+
+    config = settings.config
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
+    data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
+    variants = grid(config)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    started_at = time.monotonic()
+    tracker = Tracker(settings.tracking_uri, settings.study_name)
+    with claim_lock(settings.storage, settings.study_name):
+        study = _load_or_create_study(settings, variants)
+        parent_run_id = tracker.study_run(
+            settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
+            _study_params(settings, variants, data), config.to_yaml(), config.sha256)
+        if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
+            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+
+    prefix = worker_prefix()
+    live = None if not prefix else False
+    done = len(_finished_points(study))
+    console.print(f"{prefix}study [bold]{settings.study_name}[/]: {len(variants)} variants on "
+                  f"{data.name} ({len(data.train_x)} train / {len(data.val_x)} val images), "
+                  f"{done} done, device {device.type}")
+    context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants)
+    started = 0
+    with StudyProgress(console, len(variants), done, config.training.epochs, live=live,
+                       prefix=prefix) as progress:
+        while settings.n_trials is None or started < settings.n_trials:
+            with claim_lock(settings.storage, settings.study_name):
+                recover_lost_trials(study, tracker)
+                claimed = claim_next(study, variants)
+            if claimed is None:
+                break
+            started += 1
+            run_trial(context, *claimed, progress)
+    rows = _summary(study, tracker, parent_run_id, len(variants))
+    if not prefix:  # a worker among several leaves the leaderboard to its launcher
+        show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at)
+    return 0
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> optuna.Study:
+    import optuna
+
+    config = settings.config
+    study = optuna.create_study(
+        storage=open_storage(settings.storage), study_name=settings.study_name,
+        direction="maximize", load_if_exists=True,
+        sampler=_grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
+        pruner=_optuna_pruner(config.pruning.pruner),
+    )
+    recorded = study.user_attrs.get("config_sha256")
+    if recorded is None:
+        study.set_user_attr("config_sha256", config.sha256)
+        study.set_user_attr("grid_size", len(variants))
+    elif recorded != config.sha256:
+        raise ConfigError(f"study {settings.study_name!r} already exists with a different "
+                          "config; pass another --study-name to start a new study")
+    return study
+
+
+def _grid_sampler():
+    import optuna
+
+    class ClaimedGridSampler(optuna.samplers.GridSampler):
+        """Optuna's GridSampler over the variant names. Points are claimed by `claim_next`
+        under the study's lock, so it never picks one itself, and it leaves stopping to the
+        worker loop (its own `study.stop()` only works inside `study.optimize`)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return ClaimedGridSampler
+
+
+def _optuna_pruner(name: str):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _study_params(settings: StudySettings, variants: list[Variant], data: Dataset) -> dict:
+    config = settings.config
+    params: dict[str, Any] = {"grid_size": len(variants), "dataset": data.name,
+                              "storage": settings.storage.display,
+                              "config_source": config.source}
+    params.update({f"space.{k}": ",".join(map(str, v)) for k, v in config.space.items()})
+    params.update({f"training.{k}": v for k, v in config.to_dict()["training"].items()})
+    params.update({f"pruning.{k}": v for k, v in config.to_dict()["pruning"].items()})
+    return params
+
+
+# -- claiming grid points --------------------------------------------------------------------
+
+def _finished_points(study: optuna.Study) -> set[str]:
+    """Variants that have their final COMPLETE / PRUNED / FAIL trial."""
+    from optuna.trial import TrialState
+
+    finished = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                t.state == TrialState.FAIL and t.user_attrs.get("reason") not in RETRYABLE):
+            if "variant" in t.params:
+                finished.add(t.params["variant"])
+    return finished
+
+
+def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Variant, int] | None:
+    """Create the trial of the next pending grid point (call under the claim lock)."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    taken = _finished_points(study) | {
+        t.params["variant"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if "variant" in t.params}
+    pending = [v for v in variants if v.name not in taken]
+    if not pending:
+        return None
+    choice = pending[0]
+    study.enqueue_trial({"variant": choice.name}, user_attrs={"variant": choice.name})
+    names = [v.name for v in variants]
+    trial = study.ask({"variant": CategoricalDistribution(names)})
+    trial.set_user_attr("worker", worker_identity())
+    trial.set_user_attr("heartbeat", time.time())
+    # the GridSampler's own bookkeeping, so it sees the point as visited
+    study._storage.set_trial_system_attr(trial._trial_id, "search_space", {"variant": names})
+    study._storage.set_trial_system_attr(trial._trial_id, "grid_id", names.index(choice.name))
+    position = len(variants) - len(pending) + 1
+    return trial, choice, position
+
+
+def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Mark RUNNING trials whose worker is gone FAIL ("worker lost"), close their MLflow runs."""
+    from optuna.trial import TrialState
+
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "worker lost")
+        study.tell(t.number, state=TrialState.FAIL)
+        if run_id := t.user_attrs.get("mlflow_run_id"):
+            tracker.close_lost_run(run_id, "worker lost")
+        lost.append(t.number)
+    return lost
+
+
+class Heartbeat:
+    """Refreshes the trial's `heartbeat` user attr, so workers on other hosts see it alive."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(study, trial_id), daemon=True)
+
+    def _beat(self, study: optuna.Study, trial_id: int) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+            except Exception:  # noqa: BLE001 - finished meanwhile, or the store hiccuped
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# -- one trial --------------------------------------------------------------------------------
+
+@dataclass
+class TrialContext:
+    study: Any
+    tracker: Any
+    parent_run_id: str
+    settings: StudySettings
+    data: Any
+    device: Any
+    variants: list[Variant]
+
+
+def trial_params(variant: Variant, config: ExperimentConfig, dataset: str, device: str,
+                 threads: int) -> dict[str, Any]:
+    """The trial's MLflow params: every dimension, the training settings, the variant name."""
+    params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
+    params.update(config.to_dict()["training"])
+    params.update(dataset=dataset, variant=variant.name, device=device, threads=threads)
+    return params
+
+
+def trial_config_yaml(variant: Variant, config: ExperimentConfig) -> str:
+    import yaml
+
+    resolved = config.to_dict()
+    resolved["space"] = {k: [v] for k, v in variant.to_dict().items() if k != "name"}
+    resolved["variant"] = variant.to_dict()
+    return yaml.safe_dump(resolved, sort_keys=False)
+
+
+def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
+              progress: StudyProgress) -> None:
+    import optuna
+    import torch
+    from optuna.trial import TrialState
+
+    config = ctx.settings.config
+    progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
+    run_id = ctx.tracker.start_trial(
+        ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
+        trial_params(variant, config, ctx.data.name, ctx.device.type, torch.get_num_threads()),
+        trial_config_yaml(variant, config), config.sha256, ctx.data)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    outcome = TrialOutcome()
+    try:
+        with Heartbeat(ctx.study, trial._trial_id):
+            train_and_track(ctx, trial, variant, run_id, outcome, progress)
+        state, reason = "COMPLETE", None
+    except optuna.TrialPruned as pruned:
+        state, reason = "PRUNED", str(pruned)
+    except KeyboardInterrupt:
+        _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
+        raise
+    except Exception as exc:  # noqa: BLE001 - any error fails this trial, the study goes on
+        state, reason = "FAIL", _one_line(exc)
+    optuna_state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
+                    "FAIL": TrialState.FAIL}[state]
+    _finish(ctx, trial, run_id, state, reason, outcome, optuna_state)
+    progress.trial_done(len(_finished_points(ctx.study)), trial.number, variant.name, state,
+                        outcome.last_val_acc, reason)
+
+
+@dataclass
+class TrialOutcome:
+    """What a trial produced so far (kept when it stops early)."""
+
+    final: dict[str, float] | None = None
+    last_val_acc: float | None = None
+    best_val_acc: float | None = None
+    param_count: int | None = None
+    train_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.final or {})
+        for key in ("best_val_acc", "param_count", "train_seconds"):
+            value = getattr(self, key)
+            if value is not None:
+                out.setdefault(key, value)
+        return out
+
+
+def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
+                    outcome: TrialOutcome, progress: StudyProgress) -> None:
+    import optuna
+
+    from .train import Trainer
+
+    config = ctx.settings.config
+    trainer = Trainer(variant.to_dict(), ctx.data, config.training, ctx.device,
+                      flip=config.data.use_flip)
+    outcome.param_count = trainer.param_count
+    chance = 1.0 / ctx.data.num_classes
+    for result in trainer.epochs():
+        ctx.tracker.log_epoch(run_id, result)
+        outcome.train_seconds = trainer.train_seconds
+        if result.stop_reason:
+            raise optuna.TrialPruned(result.stop_reason)
+        outcome.last_val_acc = result.val_acc
+        outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+        progress.epoch_done(result.epoch, result.val_acc, variant.name)
+        trial.report(result.val_acc, result.epoch)
+        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
+        if reason is None and trial.should_prune():
+            reason = (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
+                      f"{result.epoch} is below the other trials'")
+        if reason:
+            raise optuna.TrialPruned(reason)
+    final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
+             "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
+    final.update({f"val_acc_column_{k}": acc for k, acc in trainer.column_accuracies().items()})
+    outcome.final = final
+    ctx.tracker.log_model(run_id, trainer.model, tuple(ctx.data.train_x.shape[1:]),
+                          ctx.data.num_classes)
+
+
+def divergence_reason(val_acc: float, epoch: int, chance: float, pruning) -> str | None:
+    if epoch <= pruning.warmup_epochs:
+        return None
+    if val_acc <= chance + pruning.chance_margin:
+        return (f"diverged: val_acc {val_acc:.3f} at epoch {epoch} is within "
+                f"{pruning.chance_margin:g} of chance ({chance:.3f})")
+    return None
+
+
+def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | None,
+            outcome: TrialOutcome, optuna_state, run_status: str | None = None) -> None:
+    """Close the MLflow run first, then tell Optuna (a crash in between is recovered)."""
+    ctx.tracker.finish_trial(run_id, state, reason, outcome.metrics(), status=run_status)
+    if reason:
+        trial.set_user_attr("reason", redact(reason))
+    if outcome.param_count is not None:
+        trial.set_user_attr("param_count", outcome.param_count)
+    try:
+        if optuna_state.name == "COMPLETE":
+            ctx.study.tell(trial, outcome.last_val_acc)
+        else:
+            ctx.study.tell(trial, state=optuna_state)
+    except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
+        print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:1000]
+
+
+# -- the end: leaderboard -------------------------------------------------------------------
+
+def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | None,
+             grid_size: int):
+    from .console import TrialRow
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append(TrialRow(t.number, t.user_attrs.get("variant", "?"), t.state.name, t.value
+                             if t.state.name == "COMPLETE" else None,
+                             t.user_attrs.get("param_count"), seconds, t.user_attrs.get("reason")))
+    if tracker is not None and parent_run_id:
+        complete = [r.value for r in rows if r.state == "COMPLETE" and r.value is not None]
+        summary = {f"n_{s.lower()}": sum(r.state == s for r in rows)
+                   for s in ("COMPLETE", "PRUNED", "FAIL")}
+        summary.update(grid_size=grid_size, grid_done=len(_finished_points(study)))
+        if complete:
+            summary["best_val_acc"] = max(complete)
+        tracker.update_study_summary(parent_run_id, summary)
+    return rows
+
+
+def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {redact(tracking_uri)} in a browser"
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.split(":///", 1)[1]).expanduser().absolute()
+        tracking_uri = f"sqlite:///{path}"
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
+
+
+def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
+                     wall_seconds: float) -> None:
+    from .console import leaderboard
+
+    leaderboard(console, settings.study_name, rows, grid_size, wall_seconds,
+                ui_command(settings.tracking_uri))
+
+
+# -- several workers on this host -------------------------------------------------------------
+
+def launch_workers(settings: StudySettings, console) -> int:
+    """Start N worker processes against the same stores; credentials travel in the
+    environment, never on a command line."""
+    import optuna
+
+    started_at = time.monotonic()
+    workers = settings.workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "FRACTAL_STORAGE": _storage_url(settings.storage),
+           "MLFLOW_TRACKING_URI": settings.tracking_uri, "FRACTAL_THREADS": str(threads)}
+    base = [sys.executable, "-m", "fractal_mlops.study", "--workers", "1",
+            "--study-name", settings.study_name, "--device", settings.device]
+    if settings.config.source:
+        base += ["--config", settings.config.source]
+    console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
+                  f"[bold]{settings.study_name}[/]")
+    procs = []
+    for index in range(workers):
+        argv = list(base)
+        if settings.n_trials is not None:
+            share = settings.n_trials // workers + (index < settings.n_trials % workers)
+            if share == 0:
+                continue
+            argv += ["--n-trials", str(share)]
+        procs.append(subprocess.Popen(argv, env={**env, "FRACTAL_WORKER_INDEX": str(index + 1)}))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        codes = [p.wait() for p in procs]  # they got the same Ctrl-C and close their trials
+        raise
+    if any(code == EXIT_BAD_INPUT for code in codes):
+        return EXIT_BAD_INPUT
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(storage=open_storage(settings.storage),
+                              study_name=settings.study_name)
+    rows = _summary(study, None, None, 0)
+    show_leaderboard(console, settings, rows, study.user_attrs.get("grid_size", len(rows)),
+                     time.monotonic() - started_at)
+    failed = [c for c in codes if c != 0]
+    return failed[0] if failed else 0
+
+
+def _storage_url(spec: StorageSpec) -> str:
+    return f"journal:{spec.location}" if spec.kind == "journal" else spec.location
+
+
+if __name__ == "__main__":
+    sys.exit(main())
