@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -62,9 +63,9 @@ class StudyProgress:
         self.progress.update(self.trial_task, visible=False)
         style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "")
         shown = f"val_acc {value:.3f}" if value is not None else ""
-        why = f"  ({reason})" if reason and state != "COMPLETE" else ""
+        why = f"  ({escape(reason)})" if reason and state != "COMPLETE" else ""
         self.console.print(f"{self.prefix}trial {trial_number:>4} [{style}]{state:<8}[/] "
-                           f"{variant}  {shown}{why}")
+                           f"{escape(variant)}  {shown}{why}")
 
 
 @dataclass
@@ -103,7 +104,8 @@ def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_si
     )
     pruned = [r for r in rows if r.state == "PRUNED"][:5]
     for row in pruned:
-        console.print(f"  pruned: trial {row.number} {row.variant}: {row.reason}")
+        console.print(f"  pruned: trial {row.number} {escape(row.variant)}: "
+                      f"{escape(row.reason or '')}")
     console.print(f"Compare the trials in the MLflow UI:\n  {ui_command}")
 
 
@@ -111,8 +113,9 @@ RETRYABLE_REASONS = {"worker lost", "interrupted"}
 
 
 def worker_prefix() -> str:
+    """Rich markup (escaped) that tells the lines of several workers apart."""
     index = os.environ.get("FRACTAL_WORKER_INDEX")
-    return f"[worker {index}] " if index else ""
+    return escape(f"[worker {index}] ") if index else ""
 
 
 def elapsed_since(start: float) -> float:

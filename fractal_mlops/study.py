@@ -123,7 +123,6 @@ def run_worker(settings: StudySettings, console) -> int:
 
     from .console import StudyProgress, worker_prefix
     from .data import load_dataset
-    from .tracking import Tracker
     from .train import resolve_device
 
     config = settings.config
@@ -132,18 +131,10 @@ def run_worker(settings: StudySettings, console) -> int:
         torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
     started_at = time.monotonic()
-    tracker = Tracker(settings.tracking_uri, settings.study_name)
-    with claim_lock(settings.storage, settings.study_name):
-        study = _load_or_create_study(settings, variants)
-        parent_run_id = tracker.study_run(
-            settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
-            _study_params(settings, variants, data), config.to_yaml(), config.sha256)
-        if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
-            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    study, tracker, parent_run_id = open_stores(settings, variants)
 
     prefix = worker_prefix()
     live = None if not prefix else False
@@ -167,6 +158,25 @@ def run_worker(settings: StudySettings, console) -> int:
     if not prefix:  # a worker among several leaves the leaderboard to its launcher
         show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at)
     return 0
+
+
+def open_stores(settings: StudySettings, variants: list[Variant]):
+    """The Optuna study, the MLflow experiment and the study's parent run, created once."""
+    import optuna
+
+    from .tracking import Tracker
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = settings.config
+    with claim_lock(settings.storage, settings.study_name):
+        tracker = Tracker(settings.tracking_uri, settings.study_name)
+        study = _load_or_create_study(settings, variants)
+        parent_run_id = tracker.study_run(
+            settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
+            _study_params(settings, variants), config.to_yaml(), config.sha256)
+        if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
+            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    return study, tracker, parent_run_id
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -217,9 +227,9 @@ def _optuna_pruner(name: str):
     return optuna.pruners.NopPruner()
 
 
-def _study_params(settings: StudySettings, variants: list[Variant], data: Dataset) -> dict:
+def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
     config = settings.config
-    params: dict[str, Any] = {"grid_size": len(variants), "dataset": data.name,
+    params: dict[str, Any] = {"grid_size": len(variants), "dataset": config.data.name,
                               "storage": settings.storage.display,
                               "config_source": config.source}
     params.update({f"space.{k}": ",".join(map(str, v)) for k, v in config.space.items()})
@@ -501,9 +511,8 @@ def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
 def launch_workers(settings: StudySettings, console) -> int:
     """Start N worker processes against the same stores; credentials travel in the
     environment, never on a command line."""
-    import optuna
-
     started_at = time.monotonic()
+    study, _, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
     workers = settings.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "FRACTAL_STORAGE": _storage_url(settings.storage),
@@ -530,9 +539,6 @@ def launch_workers(settings: StudySettings, console) -> int:
         raise
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(storage=open_storage(settings.storage),
-                              study_name=settings.study_name)
     rows = _summary(study, None, None, 0)
     show_leaderboard(console, settings, rows, study.user_attrs.get("grid_size", len(rows)),
                      time.monotonic() - started_at)

@@ -7,12 +7,15 @@ The module imports mlflow lazily so that URI checks and `--help` stay cheap.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -130,6 +133,21 @@ def git_commit() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.split(":///", 1)[1]).expanduser()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """MLflow records of one experiment (= one study), through an explicit MlflowClient."""
 
@@ -137,13 +155,11 @@ class Tracker:
         import mlflow
 
         self.uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.split(":///", 1)[1]).expanduser().parent.mkdir(parents=True,
-                                                                             exist_ok=True)
         # log_model and pyfunc loading go through MLflow's process-wide settings
         mlflow.set_tracking_uri(tracking_uri)
         self.client: MlflowClient = mlflow.MlflowClient(tracking_uri)
-        self.experiment_id = self._experiment(experiment_name)
+        with _sqlite_init_lock(tracking_uri):  # first use creates the tables: one process at a time
+            self.experiment_id = self._experiment(experiment_name)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit()
 

@@ -1,0 +1,113 @@
+"""Shared fixtures: small real studies on real stores (SQLite + Optuna journal) in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, **sections) -> Path:
+    """A small digits study; `sections` override parts (e.g. space={...}, training={...})."""
+    config = {
+        "study_name": "tiny",
+        "data": {"name": "digits"},
+        "space": {"blocks": [1], "columns": [1, 2], "width": [8],
+                  "unit": ["conv-norm-act", "conv-act-norm"], "drop_path": ["local+global"]},
+        "training": {"epochs": 2, "batch_size": 64, "lr": 0.1, "seed": 0},
+        "pruning": {"warmup_epochs": 1, "chance_margin": 0.05},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class StudyDir:
+    """A working directory with its own stores; runs the real CLI in subprocesses."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.storage = f"journal:{root / 'optuna.journal'}"
+
+    def args(self, *extra: str) -> list[str]:
+        return ["--tracking-uri", self.tracking_uri, "--storage", self.storage, *extra]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MLFLOW_TRACKING_URI", "FRACTAL_STORAGE")}
+        env["FRACTAL_MLOPS_CACHE"] = str(self.root / "cache")
+        return env
+
+    def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fractal_mlops.study", *argv],
+                                cwd=self.root, env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kwargs)
+
+    def run(self, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        proc = self.popen(*argv)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def runs(self, experiment: str, role: str = "trial"):
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], f"tags.`fractal.role` = '{role}'",
+                                  max_results=1000)
+
+    def running_trial_runs(self) -> list[str]:
+        """RUNNING trial runs, read straight from the SQLite file (cheap enough to poll)."""
+        db = self.root / "mlflow.db"
+        if not db.exists():
+            return []
+        try:
+            with sqlite3.connect(db, timeout=5) as conn:
+                return [row[0] for row in conn.execute(
+                    "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                    "WHERE r.status = 'RUNNING' AND t.key = 'fractal.role' AND t.value = 'trial'")]
+        except sqlite3.Error:
+            return []
+
+    def wait_for_running_trial(self, proc: subprocess.Popen, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = self.running_trial_runs()
+            if running:
+                return running[0]
+            if proc.poll() is not None:
+                raise AssertionError(f"study ended before a trial ran: {proc.stderr.read()}")
+            time.sleep(0.2)
+        raise AssertionError("no trial started in time")
+
+    def optuna_trials(self, study_name: str):
+        import optuna
+
+        from fractal_mlops.storage import open_storage, resolve_storage
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = open_storage(resolve_storage(self.storage, None))
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials()
+
+
+@pytest.fixture
+def study_dir(tmp_path: Path) -> StudyDir:
+    return StudyDir(tmp_path)
