@@ -49,3 +49,45 @@ def test_kill_9_with_the_local_store(study_dir: StudyDir):
                                  "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
                           training={"epochs": 3})
     kill_mid_trial_then_resume(study_dir, config, *study_dir.args())
+
+
+def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
+    """Across hosts a pid means nothing: a trial whose heartbeat is older than the grace
+    period is lost; a fresh heartbeat, or a live local process, keeps the trial running."""
+    import time
+
+    import optuna
+
+    from fractal_mlops.storage import HEARTBEAT_GRACE, open_storage, resolve_storage, worker_identity
+    from fractal_mlops.study import recover_lost_trials
+    from fractal_mlops.tracking import Tracker
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None))
+    study = optuna.create_study(storage=storage, study_name="hosts", direction="maximize")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "hosts")
+    now = time.time()
+    workers = {
+        "silent": ("gpu-box-7:4242:99", now - HEARTBEAT_GRACE - 30),
+        "beating": ("gpu-box-8:4242:99", now - 5),
+        "local-alive": (worker_identity(), now - HEARTBEAT_GRACE - 30),
+    }
+    runs = {}
+    for name, (identity, heartbeat) in workers.items():
+        trial = study.ask()
+        run_id = tracker.client.create_run(tracker.experiment_id, run_name=name).info.run_id
+        trial.set_user_attr("worker", identity)
+        trial.set_user_attr("heartbeat", heartbeat)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        runs[name] = (trial.number, run_id)
+
+    lost = recover_lost_trials(study, tracker)
+
+    assert lost == [runs["silent"][0]]
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[runs["silent"][0]].state.name == "FAIL"
+    assert trials[runs["silent"][0]].user_attrs["reason"] == "worker lost"
+    assert tracker.client.get_run(runs["silent"][1]).info.status == "KILLED"
+    for name in ("beating", "local-alive"):
+        assert trials[runs[name][0]].state.name == "RUNNING"
+        assert tracker.client.get_run(runs[name][1]).info.status == "RUNNING"
