@@ -12,14 +12,17 @@ Any single column can run alone at evaluation time (the anytime property): `mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from timm.layers import create_act_layer, create_norm_layer
 from timm.models import register_model
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from .config import parse_unit
@@ -59,10 +62,35 @@ def join(inputs: list[Tensor], drop_prob: float) -> Tensor:
         keep = (torch.rand(len(inputs)) >= drop_prob).tolist()
         if not any(keep):
             keep[int(torch.randint(len(inputs), ()))] = True
-        inputs = [x for x, kept in zip(inputs, keep) if kept]
+        inputs = [x for x, kept in zip(inputs, keep, strict=True) if kept]
     if len(inputs) == 1:
         return inputs[0]
     return torch.stack(inputs).mean(0)
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(module: nn.Module):
+    """Batch norms in `module` leave their running statistics alone (momentum 0) meanwhile.
+
+    Gradient checkpointing runs a block's forward twice; without this, the recomputation
+    would update the running statistics a second time and change the trained model.
+    """
+    norms = [m for m in module.modules()
+             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum, tracked in saved:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)
+
+
+def checkpoint_contexts(block: nn.Module):
+    """(forward, recomputation) contexts for torch.utils.checkpoint."""
+    return contextlib.nullcontext(), frozen_norm_statistics(block)
 
 
 class FractalPath(nn.Module):
@@ -132,7 +160,7 @@ class FractalNet(nn.Module):
         widths = [min(width * 2**i, width * 8) for i in range(blocks)]
         self.blocks = nn.ModuleList(
             FractalBlock(columns, cin, cout, unit_factory)
-            for cin, cout in zip([in_chans, *widths[:-1]], widths)
+            for cin, cout in zip([in_chans, *widths[:-1]], widths, strict=True)
         )
         self.num_features = widths[-1]
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -156,7 +184,8 @@ class FractalNet(nn.Module):
         drop_column, drop_prob = self._drop_plan() if column is None else (column, 0.0)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, drop_column, drop_prob, use_reentrant=False)
+                x = checkpoint(block, x, drop_column, drop_prob, use_reentrant=False,
+                               context_fn=partial(checkpoint_contexts, block))
             else:
                 x = block(x, drop_column, drop_prob)
         return x

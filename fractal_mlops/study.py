@@ -25,15 +25,22 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, ExperimentConfig, check_run, load_config
 from .space import Variant, grid
-from .storage import (HEARTBEAT_SECONDS, StorageSpec, check_storage, claim_lock, open_storage,
-                      resolve_storage, worker_identity, worker_is_gone)
+from .storage import (
+    HEARTBEAT_SECONDS,
+    StorageSpec,
+    check_storage,
+    claim_lock,
+    open_storage,
+    resolve_storage,
+    worker_identity,
+    worker_is_gone,
+)
 from .tracking import check_tracking_uri, redact, resolve_tracking_uri
 
 if TYPE_CHECKING:
     import optuna
 
     from .console import StudyProgress
-    from .data import Dataset
     from .tracking import Tracker
 
 RETRYABLE = ("worker lost", "interrupted")  # FAIL reasons whose grid point is trained again
@@ -118,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 # -- one worker ----------------------------------------------------------------------------
 
 def run_worker(settings: StudySettings, console) -> int:
-    import optuna
     import torch
 
     from .console import StudyProgress, worker_prefix
@@ -511,7 +517,12 @@ def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
 def launch_workers(settings: StudySettings, console) -> int:
     """Start N worker processes against the same stores; credentials travel in the
     environment, never on a command line."""
+    from .data import load_dataset
+    from .train import resolve_device
+
     started_at = time.monotonic()
+    resolve_device(settings.device)  # bad input fails here, before any store is touched
+    load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
     study, _, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
     workers = settings.workers
     threads = max(1, (os.cpu_count() or 1) // workers)

@@ -8,7 +8,6 @@ import os
 import signal
 
 import pytest
-
 from conftest import StudyDir, write_config
 
 

@@ -239,6 +239,7 @@ BAD_INPUTS = {
                              "cannot connect"),
     "bad device": (["--device", "gpu"], "device"),
     "cuda without cuda": (["--device", "cuda"], "cuda"),
+    "cuda without cuda, two workers": (["--device", "cuda", "--workers", "2"], "cuda"),
     "zero workers": (["--workers", "0"], "workers"),
     "zero trials": (["--n-trials", "0"], "n_trials"),
     "missing config": (["--config", "nope.yaml"], "not found"),
