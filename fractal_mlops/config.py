@@ -188,9 +188,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (expected one of {sorted(known)})")
-    study_name = raw.get("study_name", Path(source).stem if source != "<dict>" else "fractalnet")
-    if not isinstance(study_name, str) or not study_name.strip():
-        raise ConfigError("study_name must be a non-empty string")
+    study_name = check_study_name(
+        raw.get("study_name", Path(source).stem if source != "<dict>" else "fractalnet"))
     data = _section(DataConfig, raw.get("data"), "data")
     training = _section(TrainConfig, raw.get("training"), "training")
     pruning = _section(PruningConfig, raw.get("pruning"), "pruning")
@@ -199,7 +198,15 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     _check_pruning(pruning)
     run = check_run(_section(RunConfig, raw.get("run"), "run"))
     space = _check_space(raw.get("space"), data)
-    return ExperimentConfig(study_name.strip(), data, space, training, pruning, run, source)
+    return ExperimentConfig(study_name, data, space, training, pruning, run, source)
+
+
+def check_study_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("study_name must be a non-empty string")
+    if any(quote in name for quote in "'\"`"):
+        raise ConfigError(f"study_name {name!r} must not contain quotes")
+    return name.strip()
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:

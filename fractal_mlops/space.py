@@ -74,7 +74,7 @@ def enumerate_variants(space: dict[str, list[Any]]) -> list[Variant]:
     """All distinct variants of the grid, in a stable order (the order of the config's values)."""
     seen: dict[Variant, None] = {}
     for values in itertools.product(*(space[dim] for dim in DIMENSIONS)):
-        seen.setdefault(canonical(**dict(zip(DIMENSIONS, values))), None)
+        seen.setdefault(canonical(**dict(zip(DIMENSIONS, values, strict=True))), None)
     return list(seen)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, ExperimentConfig, check_run, load_config
+from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
 from .space import Variant, grid
 from .storage import (
     HEARTBEAT_SECONDS,
@@ -92,9 +92,7 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     overrides = {k: getattr(args, k) for k in ("device", "workers", "n_trials")
                  if getattr(args, k) is not None}
     run = check_run(replace(config.run, **overrides))
-    study_name = config.study_name if args.study_name is None else args.study_name.strip()
-    if not study_name:
-        raise ConfigError("--study-name must not be empty")
+    study_name = config.study_name if args.study_name is None else check_study_name(args.study_name)
     config = replace(config, study_name=study_name, run=run)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, run.tracking_uri)
     storage = resolve_storage(args.storage, run.storage)
@@ -293,8 +291,7 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
             continue
         study._storage.set_trial_user_attr(t._trial_id, "reason", "worker lost")
         study.tell(t.number, state=TrialState.FAIL)
-        if run_id := t.user_attrs.get("mlflow_run_id"):
-            tracker.close_lost_run(run_id, "worker lost")
+        tracker.close_lost_runs(study.study_name, t.number, "worker lost")
         lost.append(t.number)
     return lost
 

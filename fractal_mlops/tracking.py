@@ -272,13 +272,15 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status or RUN_STATUS[state])
 
-    def close_lost_run(self, run_id: str, reason: str) -> None:
-        """Close the run of a worker that is gone (killed, crashed)."""
-        try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.finish_trial(run_id, "FAIL", reason, status="KILLED")
-        except Exception:  # noqa: BLE001 - a run that is already gone needs no closing
-            pass
+    def close_lost_runs(self, study_name: str, trial_number: int, reason: str) -> None:
+        """Close the RUNNING run(s) of a trial whose worker is gone (killed, crashed). Found by
+        tags, so that a worker killed before it recorded its run ID is covered too."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`optuna.study_name` = '{study_name}' "
+            f"and tags.`optuna.trial_number` = '{trial_number}'")
+        for run in runs:
+            self.finish_trial(run.info.run_id, "FAIL", reason, status="KILLED")
 
     # -- helpers ----------------------------------------------------------------------------
     def _source_tags(self) -> dict[str, str]:

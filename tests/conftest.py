@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["servers"]  # real PostgreSQL cluster and mlflow server fixtures
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -37,10 +38,11 @@ def write_config(path: Path, **sections) -> Path:
 class StudyDir:
     """A working directory with its own stores; runs the real CLI in subprocesses."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tracking_uri: str | None = None,
+                 storage: str | None = None) -> None:
         self.root = root
-        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-        self.storage = f"journal:{root / 'optuna.journal'}"
+        self.tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.storage = storage or f"journal:{root / 'optuna.journal'}"
 
     def args(self, *extra: str) -> list[str]:
         return ["--tracking-uri", self.tracking_uri, "--storage", self.storage, *extra]
@@ -75,8 +77,13 @@ class StudyDir:
                                   max_results=1000)
 
     def running_trial_runs(self) -> list[str]:
-        """RUNNING trial runs, read straight from the SQLite file (cheap enough to poll)."""
-        db = self.root / "mlflow.db"
+        """RUNNING trial runs (SQLite: read straight from the file, cheap enough to poll)."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            client = self.client()
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            return [r.info.run_id for r in client.search_runs(
+                experiments, "attributes.status = 'RUNNING' and tags.`fractal.role` = 'trial'")]
+        db = Path(self.tracking_uri.split(":///", 1)[1])
         if not db.exists():
             return []
         try:

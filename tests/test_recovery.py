@@ -8,6 +8,7 @@ import os
 import signal
 
 import pytest
+import yaml
 from conftest import StudyDir, write_config
 
 
@@ -17,6 +18,7 @@ def finished_points(trials) -> collections.Counter:
 
 
 def kill_mid_trial_then_resume(study: StudyDir, config, *argv: str) -> None:
+    study_name = yaml.safe_load(config.read_text())["study_name"]
     proc = study.popen("--config", str(config), *argv)
     run_id = study.wait_for_running_trial(proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -31,7 +33,7 @@ def kill_mid_trial_then_resume(study: StudyDir, config, *argv: str) -> None:
     assert lost_run.info.status == "KILLED"
     assert lost_run.data.tags["fractal.state"] == "FAIL"
     assert lost_run.data.tags["fractal.reason"] == "worker lost"
-    trials = study.optuna_trials("tiny")
+    trials = study.optuna_trials(study_name)
     lost = [t for t in trials if t.user_attrs.get("mlflow_run_id") == run_id]
     assert len(lost) == 1 and lost[0].state.name == "FAIL"
     assert lost[0].user_attrs["reason"] == "worker lost"
@@ -74,7 +76,9 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
     runs = {}
     for name, (identity, heartbeat) in workers.items():
         trial = study.ask()
-        run_id = tracker.client.create_run(tracker.experiment_id, run_name=name).info.run_id
+        tags = {"optuna.study_name": "hosts", "optuna.trial_number": str(trial.number)}
+        run_id = tracker.client.create_run(tracker.experiment_id, run_name=name,
+                                           tags=tags).info.run_id
         trial.set_user_attr("worker", identity)
         trial.set_user_attr("heartbeat", heartbeat)
         trial.set_user_attr("mlflow_run_id", run_id)

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
 # The fixtures `postgres` and `mlflow_server_on_postgres` (a tests/conftest.py can do the same).
 # `servers` itself is imported inside the tests, after pytest has loaded it as a plugin.
-pytest_plugins = ["servers"]
 pytestmark = pytest.mark.slow
 
 

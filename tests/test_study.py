@@ -243,6 +243,7 @@ BAD_INPUTS = {
     "zero workers": (["--workers", "0"], "workers"),
     "zero trials": (["--n-trials", "0"], "n_trials"),
     "missing config": (["--config", "nope.yaml"], "not found"),
+    "empty study name": (["--study-name", " "], "study_name"),
 }
 
 

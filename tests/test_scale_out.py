@@ -1,0 +1,84 @@
+"""Several workers, several "machines": a real PostgreSQL cluster holds the Optuna study, a real
+`mlflow server` (PostgreSQL backend, proxied artifacts) holds the runs. Credentials stay out of
+every record."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import StudyDir, write_config
+from servers import PG_PASSWORD
+from test_recovery import kill_mid_trial_then_resume
+
+TINY_SPACE = {"blocks": [1], "columns": [1, 2], "width": [8],
+              "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]}
+
+
+@pytest.mark.slow
+def test_three_workers_with_separate_environments_share_one_study(
+        tmp_path, postgres, mlflow_server_on_postgres):
+    import mlflow
+    import numpy as np
+    import optuna
+
+    server = mlflow_server_on_postgres
+    storage = postgres.url("optuna", driver=None)  # plain postgresql://user:password@host/db
+    config = write_config(tmp_path / "grid.yaml", study_name="three-workers", space=TINY_SPACE,
+                          training={"epochs": 1})
+    workers = []
+    for index in range(3):
+        home = tmp_path / f"machine-{index}"  # own working dir, cache and environment
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FRACTAL_"))}
+        env.update(FRACTAL_STORAGE=storage, MLFLOW_TRACKING_URI=server.uri,
+                   FRACTAL_MLOPS_CACHE=str(home / "cache"), FRACTAL_THREADS="1", HOME=str(home))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "fractal_mlops.study", "--config", str(config)],
+            cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [w.communicate(timeout=900) for w in workers]
+    for index, (worker, (out, err)) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0, err
+        assert PG_PASSWORD not in out + err
+        assert not (tmp_path / f"machine-{index}" / "mlruns").exists()  # all records are remote
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials = optuna.load_study(study_name="three-workers",
+                               storage=postgres.optuna_url).get_trials()
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    points = collections.Counter(t.params["variant"] for t in trials)
+    assert len(points) == 6 and set(points.values()) == {1}  # every point exactly once
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the grid was split
+
+    client = mlflow.MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("three-workers")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    trial_runs = [r for r in runs if r.data.tags["fractal.role"] == "trial"]
+    assert len(trial_runs) == 6 and "RUNNING" not in {r.info.status for r in runs}
+    assert len([r for r in runs if r.data.tags["fractal.role"] == "study"]) == 1
+    for run in runs:
+        recorded = [*run.data.params.values(), *run.data.tags.values()]
+        assert not any(PG_PASSWORD in value for value in recorded)
+    assert any("://fractal:***@127.0.0.1" in r.data.params.get("storage", "") for r in runs)
+
+    mlflow.set_tracking_uri(server.uri)
+    for run in trial_runs:
+        if run.data.tags["fractal.state"] != "COMPLETE":
+            continue
+        model = mlflow.pyfunc.load_model(run.data.tags["fractal.model_uri"])
+        assert model.predict(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)
+    assert any(server.artifacts_dir.rglob("MLmodel"))  # the server stored the uploads
+
+
+@pytest.mark.slow
+def test_kill_9_with_postgres_and_a_tracking_server(tmp_path, postgres, mlflow_server_on_postgres):
+    study = StudyDir(tmp_path, tracking_uri=mlflow_server_on_postgres.uri,
+                     storage=postgres.optuna_url)
+    config = write_config(tmp_path / "tiny.yaml", study_name="kill-9-postgres",
+                          space={"blocks": [2], "columns": [2], "width": [16],
+                                 "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
+                          training={"epochs": 3})
+    kill_mid_trial_then_resume(study, config, *study.args())
