@@ -152,8 +152,11 @@ class Tracker:
     """MLflow records of one experiment (= one study), through an explicit MlflowClient."""
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        import logging
+
         import mlflow
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables"
         self.uri = tracking_uri
         # log_model and pyfunc loading go through MLflow's process-wide settings
         mlflow.set_tracking_uri(tracking_uri)
