@@ -76,7 +76,7 @@ class DataConfig:
     download: bool = False  # cifar10 via torchvision when root is not an ImageFolder tree
     val_fraction: float = 0.2  # digits / synthetic: held-out share (stratified, fixed seed)
     flip: bool | None = None  # random horizontal flip in training; default: True for cifar10
-    train_limit: int | None = None  # use only the first N training images (stratified order)
+    train_limit: int | None = None  # use a fixed, class-balanced subset of N training images
     val_limit: int | None = None
     synthetic_size: int = 600
     cache_dir: str | None = None  # decoded ImageFolder cache; default ~/.cache/fractal_mlops
@@ -249,8 +249,8 @@ def _check_data(data: DataConfig) -> None:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {data.val_fraction}")
     for key in ("train_limit", "val_limit"):
         value = getattr(data, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{key} must be a positive number, got {value}")
+        if value is not None and value < 10:
+            raise ConfigError(f"data.{key} must be at least 10 (an image per class), got {value}")
     if data.synthetic_size < 20:
         raise ConfigError(f"data.synthetic_size must be at least 20, got {data.synthetic_size}")
 

@@ -60,9 +60,9 @@ def load_dataset(config: DataConfig, seed: int = 0) -> Dataset:
     else:
         raise ConfigError(f"unknown dataset {config.name!r}")
     if config.train_limit:
-        train_x, train_y = train_x[: config.train_limit], train_y[: config.train_limit]
+        train_x, train_y = _stratified_subset(train_x, train_y, config.train_limit)
     if config.val_limit:
-        val_x, val_y = val_x[: config.val_limit], val_y[: config.val_limit]
+        val_x, val_y = _stratified_subset(val_x, val_y, config.val_limit)
     scaled = train_x.float().div_(255)
     mean = tuple(scaled.mean(dim=(0, 2, 3)).tolist())
     std = tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
@@ -81,6 +81,19 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float):
     as_tensor = torch.from_numpy
     return (as_tensor(np.ascontiguousarray(train_x)), as_tensor(train_y.astype(np.int64)),
             as_tensor(np.ascontiguousarray(val_x)), as_tensor(val_y.astype(np.int64)))
+
+
+def _stratified_subset(x: Tensor, y: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """A fixed subset of `size` images with the class balance of the whole (image folders are
+    sorted by class, so the first N images would be one class)."""
+    if size >= len(y):
+        return x, y
+    from sklearn.model_selection import train_test_split
+
+    index, _ = train_test_split(np.arange(len(y)), train_size=size, stratify=y.numpy(),
+                                random_state=0)
+    index = torch.from_numpy(np.sort(index))
+    return x[index], y[index]
 
 
 def _digits(config: DataConfig):
