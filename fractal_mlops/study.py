@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
+from .runner import TrialOutcome, TrialStopped, train_and_log
 from .space import Variant, grid
 from .storage import (
     HEARTBEAT_SECONDS,
@@ -382,66 +383,26 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
                         outcome.last_val_acc, reason)
 
 
-@dataclass
-class TrialOutcome:
-    """What a trial produced so far (kept when it stops early)."""
-
-    final: dict[str, float] | None = None
-    last_val_acc: float | None = None
-    best_val_acc: float | None = None
-    param_count: int | None = None
-    train_seconds: float = 0.0
-
-    def metrics(self) -> dict[str, float]:
-        out = dict(self.final or {})
-        for key in ("best_val_acc", "param_count", "train_seconds"):
-            value = getattr(self, key)
-            if value is not None:
-                out.setdefault(key, value)
-        return out
-
-
 def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
                     outcome: TrialOutcome, progress: StudyProgress) -> None:
+    """runner.train_and_log (shared with reproduce), plus Optuna's report and pruner."""
     import optuna
 
-    from .train import Trainer
-
     config = ctx.settings.config
-    trainer = Trainer(variant.to_dict(), ctx.data, config.training, ctx.device,
-                      flip=config.data.use_flip)
-    outcome.param_count = trainer.param_count
-    chance = 1.0 / ctx.data.num_classes
-    for result in trainer.epochs():
-        ctx.tracker.log_epoch(run_id, result)
-        outcome.train_seconds = trainer.train_seconds
-        if result.stop_reason:
-            raise optuna.TrialPruned(result.stop_reason)
-        outcome.last_val_acc = result.val_acc
-        outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+
+    def on_epoch(result) -> str | None:
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
         trial.report(result.val_acc, result.epoch)
-        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
-        if reason is None and trial.should_prune():
-            reason = (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
-                      f"{result.epoch} is below the other trials'")
-        if reason:
-            raise optuna.TrialPruned(reason)
-    final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
-             "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
-    final.update({f"val_acc_column_{k}": acc for k, acc in trainer.column_accuracies().items()})
-    outcome.final = final
-    ctx.tracker.log_model(run_id, trainer.model, tuple(ctx.data.train_x.shape[1:]),
-                          ctx.data.num_classes)
-
-
-def divergence_reason(val_acc: float, epoch: int, chance: float, pruning) -> str | None:
-    if epoch <= pruning.warmup_epochs:
+        if trial.should_prune():
+            return (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
+                    f"{result.epoch} is below the other trials'")
         return None
-    if val_acc <= chance + pruning.chance_margin:
-        return (f"diverged: val_acc {val_acc:.3f} at epoch {epoch} is within "
-                f"{pruning.chance_margin:g} of chance ({chance:.3f})")
-    return None
+
+    try:
+        train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, outcome,
+                      on_epoch=on_epoch)
+    except TrialStopped as stopped:
+        raise optuna.TrialPruned(str(stopped)) from None
 
 
 def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | None,

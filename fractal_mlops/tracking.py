@@ -280,7 +280,8 @@ class Tracker:
         tags, so that a worker killed before it recorded its run ID is covered too."""
         runs = self.client.search_runs(
             [self.experiment_id],
-            f"attributes.status = 'RUNNING' and tags.`optuna.study_name` = '{study_name}' "
+            f"attributes.status = 'RUNNING' and tags.`{ROLE}` = 'trial' "
+            f"and tags.`optuna.study_name` = '{study_name}' "
             f"and tags.`optuna.trial_number` = '{trial_number}'")
         for run in runs:
             self.finish_trial(run.info.run_id, "FAIL", reason, status="KILLED")

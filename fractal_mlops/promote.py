@@ -1,0 +1,466 @@
+"""Promote the best FractalNet of a study in the MLflow model registry.
+
+    python -m fractal_mlops.promote [--experiment NAME] [--metric val_acc] [--model-name FractalNet]
+        [--alias champion] [--min-delta X] [--force] [--tracking-uri URI]
+    python -m fractal_mlops.promote --rollback [--model-name FractalNet] [--alias champion]
+
+1. Pick the best COMPLETE trial run of the experiment by its final metric (`val_acc` means
+   `final_val_acc`; losses, seconds, megabytes and counts are minimized, the rest maximized);
+   ties go to the run with fewer parameters. PRUNED and FAIL trials are never eligible.
+2. Register its model (the trial's LoggedModel, tag `fractal.model_uri`) as a new version of
+   the registered model, with version tags `source_run_id`, `val_acc`, `variant`. A run that is
+   already registered gets no second version.
+3. Move the alias to that version when there is no champion yet, when it beats the champion by
+   at least --min-delta (a tie goes to fewer parameters), or with --force. The outgoing champion
+   keeps the alias `previous`, so `--rollback` (which swaps the two) undoes a promotion.
+
+Exit codes: 0 done (also when the champion stays), 1 nothing eligible / nothing to roll back,
+2 bad input (one line on stderr; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError
+from .tracking import (
+    MODEL_URI,
+    ROLE,
+    STATE,
+    VARIANT,
+    check_tracking_uri,
+    redact,
+    resolve_tracking_uri,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
+EXIT_OK, EXIT_NOTHING, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_MODEL_NAME, DEFAULT_ALIAS, DEFAULT_PREVIOUS = "FractalNet", "champion", "previous"
+_ALIAS = re.compile(r"^[\w-]{1,255}$")
+_LOWER_IS_BETTER = re.compile(r"(loss|seconds|_mb|_count)$")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="fractal-mlops promote",
+        description="Register the best COMPLETE trial of a study as a new version of the "
+                    "registered model and move the champion alias to it when it is better.")
+    parser.add_argument("--experiment", help="MLflow experiment = study name "
+                        "(default: the quickstart's, fractalnet-quickstart)")
+    parser.add_argument("--metric", default="val_acc", help="final metric to rank by; val_acc "
+                        "means final_val_acc; any other run metric by name (default: val_acc)")
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                        help="registered model (default: FractalNet)")
+    parser.add_argument("--alias", default=DEFAULT_ALIAS, help="alias of the promoted version "
+                        "(default: champion)")
+    parser.add_argument("--previous-alias", help="alias kept by the outgoing version (default: "
+                        "previous; <alias>-previous for another --alias)")
+    parser.add_argument("--min-delta", type=float, default=0.0, help="move the alias only when "
+                        "the best run beats the current one by at least this much (default 0)")
+    parser.add_argument("--force", action="store_true",
+                        help="move the alias to the best run even when it is not better")
+    parser.add_argument("--rollback", action="store_true", help="give the alias back to the "
+                        "version holding the previous alias (and swap them)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .console import error_line
+
+    try:
+        settings = resolve_settings(args)
+        client = open_store(settings.tracking_uri)
+        if args.rollback:
+            return rollback(client, settings)
+        return promote(client, settings)
+    except ConfigError as exc:
+        error_line(redact(str(exc)))
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            raise
+        error_line(f"MLflow: {redact(' '.join(str(exc.message).split()))[:500]}")
+        return EXIT_BAD_INPUT
+
+
+@dataclass(frozen=True)
+class PromoteSettings:
+    tracking_uri: str
+    experiment: str
+    metric: str  # the run metric key actually compared (val_acc -> final_val_acc)
+    maximize: bool
+    model_name: str
+    alias: str
+    previous_alias: str
+    min_delta: float
+    force: bool
+
+
+def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
+    """Flags + environment, checked; raises ConfigError and touches no store."""
+    experiment = args.experiment
+    if experiment is None:
+        from .config import load_config
+
+        experiment = load_config(None).study_name
+    if not experiment.strip():
+        raise ConfigError("--experiment must not be empty")
+    metric = args.metric.strip()
+    if not metric:
+        raise ConfigError("--metric must not be empty")
+    key = "final_val_acc" if metric == "val_acc" else metric
+    name = args.model_name.strip()
+    if not name or any(c in name for c in "/:'\"") or name in (".", ".."):
+        raise ConfigError(f"--model-name {args.model_name!r} is not a valid registered model name "
+                          "(no / : or quotes)")
+    previous = args.previous_alias or (DEFAULT_PREVIOUS if args.alias == DEFAULT_ALIAS
+                                       else f"{args.alias}-previous")
+    for flag, alias in (("--alias", args.alias), ("--previous-alias", previous)):
+        if not _ALIAS.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ConfigError(f"{flag} {alias!r} is not a valid alias (letters, digits, _ and -; "
+                              "not 'latest' nor v<number>)")
+    if previous == args.alias:
+        raise ConfigError(f"--previous-alias must differ from --alias ({args.alias!r})")
+    if not math.isfinite(args.min_delta) or args.min_delta < 0:
+        raise ConfigError(f"--min-delta must be a number >= 0, got {args.min_delta}")
+    if args.rollback and args.force:
+        raise ConfigError("--rollback and --force do not go together")
+    uri = resolve_tracking_uri(args.tracking_uri, None)
+    check_existing_store(uri)
+    return PromoteSettings(uri, experiment.strip(), key, not _LOWER_IS_BETTER.search(key), name,
+                           args.alias, previous, args.min_delta, args.force)
+
+
+def check_existing_store(uri: str) -> None:
+    """The store must be reachable and, for SQLite, exist already: reading commands create no
+    database (a typo in the path would otherwise give an empty store)."""
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.split(":///", 1)[1]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"no MLflow store at {path} (tracking URI {uri}): run a study "
+                              "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+
+
+def open_store(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`. The registry's SQL store resolves `models:/m-...` sources
+    through MLflow's process-wide tracking URI, so that is set too."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# -- picking the best run ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    run: Run
+    value: float
+    param_count: float
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def variant(self) -> str:
+        return self.run.data.params.get("variant") or self.run.data.tags.get(VARIANT, "?")
+
+    @property
+    def trial(self) -> str:
+        return self.run.data.tags.get("optuna.trial_number", "?")
+
+    @property
+    def model_uri(self) -> str:
+        return self.run.data.tags[MODEL_URI]
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.run.data.metrics.get("final_val_acc")
+
+
+def trial_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def rank(candidates: list[Candidate], maximize: bool) -> list[Candidate]:
+    """Best first: the metric, then fewer parameters, then the earlier run."""
+    sign = -1.0 if maximize else 1.0
+    return sorted(candidates, key=lambda c: (sign * c.value, c.param_count, c.run.info.start_time))
+
+
+def eligible(runs: list[Run], metric: str) -> tuple[list[Candidate], dict[str, int]]:
+    """COMPLETE, FINISHED trial runs with a model and the metric; plus counts of the others."""
+    candidates, skipped = [], {}
+    for run in runs:
+        state = run.data.tags.get(STATE) or "RUNNING"
+        value = run.data.metrics.get(metric)
+        if state != "COMPLETE" or run.info.status != "FINISHED":
+            why = state if state in ("PRUNED", "FAIL") else "unfinished"
+        elif MODEL_URI not in run.data.tags:
+            why = "without a model"
+        elif value is None or not math.isfinite(value):
+            why = f"without {metric}"
+        else:
+            params = run.data.metrics.get("param_count", math.inf)
+            candidates.append(Candidate(run, value, params))
+            continue
+        skipped[why] = skipped.get(why, 0) + 1
+    return candidates, skipped
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+def model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    versions: list[ModelVersion] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return sorted(versions, key=lambda v: int(v.version))
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
+
+def register(client: MlflowClient, settings: PromoteSettings, best: Candidate,
+             experiment_name: str) -> tuple[ModelVersion, bool]:
+    """The version of `best`'s model: the existing one, else a new one. (version, created)."""
+    from mlflow.exceptions import MlflowException
+
+    name = settings.model_name
+    for version in model_versions(client, name):
+        if best.run_id in (version.tags.get("source_run_id"), version.run_id):
+            return version, False
+    try:
+        client.create_registered_model(name, description=(
+            "FractalNet variants promoted from fractal_mlops studies. Alias "
+            f"'{settings.alias}': the promoted version; '{settings.previous_alias}': the one "
+            "before it (fractal-mlops promote --rollback swaps them)."))
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    model_id = best.model_uri.removeprefix("models:/") if best.model_uri.startswith(
+        "models:/m-") else None
+    tags = {"source_run_id": best.run_id, "val_acc": _tag(best.val_acc), "variant": best.variant,
+            "experiment": experiment_name, "param_count": _tag(best.param_count)}
+    if settings.metric != "final_val_acc":
+        tags[settings.metric] = _tag(best.value)
+    study = best.run.data.tags.get("optuna.study_name", experiment_name)
+    description = (
+        f"FractalNet {best.variant} from MLflow run {best.run_id} (trial {best.trial} of study "
+        f"{study}, experiment {experiment_name}): final val_acc {_tag(best.val_acc)}, "
+        f"{_tag(best.param_count)} parameters. Takes float32 images (batch, C, H, W) normalized "
+        "with the training set's mean/std; returns class scores (batch, classes). Reproduce "
+        f"it with: fractal-mlops reproduce {best.run_id}")
+    version = client.create_model_version(name, source=best.model_uri, run_id=best.run_id,
+                                          tags=tags, description=description, model_id=model_id)
+    if model_id:
+        _link_logged_model(client, model_id, name, str(version.version))
+    return version, True
+
+
+def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """What mlflow.register_model adds: the LoggedModel lists its registered versions (UI)."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    key = "mlflow.modelVersions"
+    try:
+        existing = json.loads(client.get_logged_model(model_id).tags.get(key) or "[]")
+        entry = {"name": name, "version": version}
+        if entry not in existing:
+            client.set_logged_model_tags(model_id, {key: json.dumps([*existing, entry])})
+    except (MlflowException, ValueError):
+        pass  # only a UI link; the version itself is registered
+
+
+def _tag(value: float | None) -> str:
+    """A metric as a tag: counts as integers, other values exactly (repr)."""
+    if value is None:
+        return "?"
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) > 1 else repr(value)
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+def promote(client: MlflowClient, s: PromoteSettings) -> int:
+    experiment = client.get_experiment_by_name(s.experiment)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        known = [e.name for e in client.search_experiments()][:8]
+        raise ConfigError(f"experiment {s.experiment!r} not found in {redact(s.tracking_uri)} "
+                          f"(experiments there: {', '.join(known) or 'none'})")
+    runs = trial_runs(client, experiment.experiment_id)
+    candidates, skipped = eligible(runs, s.metric)
+    complete = [r for r in runs if r.data.tags.get(STATE) == "COMPLETE"]
+    if not candidates and complete and all(s.metric not in r.data.metrics for r in complete):
+        known = sorted({k for r in complete for k in r.data.metrics})
+        raise ConfigError(f"--metric {s.metric!r}: no trial of {s.experiment!r} recorded it "
+                          f"(they have {', '.join(known[:12])}{', ...' if len(known) > 12 else ''})")
+    others = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    print(f"experiment {s.experiment}: {len(runs)} trial runs, {len(candidates)} eligible "
+          f"(COMPLETE with {s.metric})" + (f"; not eligible: {others}" if others else ""))
+    if not candidates:
+        print(f"nothing to promote: no COMPLETE trial in {s.experiment!r} has a model and "
+              f"{s.metric}", file=sys.stderr)
+        return EXIT_NOTHING
+    ranked = rank(candidates, s.maximize)
+    best = ranked[0]
+    direction = "highest" if s.maximize else "lowest"
+    ties = sum(c.value == best.value for c in ranked)
+    tie_note = f" ({ties} runs tie: fewest parameters, then earliest, wins)" if ties > 1 else ""
+    print(f"best by {direction} {s.metric}: run {best.run_id} trial {best.trial} "
+          f"{best.variant}: {s.metric} {best.value:.4f}, {best.param_count:,.0f} params"
+          + tie_note)
+
+    current = aliases(client, s.model_name)
+    version, created = register(client, s, best, s.experiment)
+    v = str(version.version)
+    if created:
+        print(f"registered {s.model_name} version {v} from {best.model_uri} "
+              f"(source_run_id {best.run_id})")
+    else:
+        print(f"run {best.run_id} is already {s.model_name} version {v}: no new version")
+
+    champion = current.get(s.alias)
+    if champion == v:
+        print(f"{s.model_name}@{s.alias} is already version {v}: nothing to change")
+        return EXIT_OK
+    move, why = decide(client, s, best, champion)
+    if not move:
+        print(f"{s.model_name}@{s.alias} stays on version {champion}: {why}")
+        return EXIT_OK
+    if champion is not None:
+        client.set_registered_model_alias(s.model_name, s.previous_alias, champion)
+    client.set_registered_model_alias(s.model_name, s.alias, v)
+    kept = (f"; version {champion} keeps @{s.previous_alias} (undo: fractal-mlops promote "
+            f"--rollback)") if champion is not None else ""
+    print(f"{s.model_name}@{s.alias} -> version {v}: {why}{kept}")
+    print(f'load it: mlflow.pyfunc.load_model("models:/{s.model_name}@{s.alias}")')
+    return EXIT_OK
+
+
+def decide(client: MlflowClient, s: PromoteSettings, best: Candidate,
+           champion: str | None) -> tuple[bool, str]:
+    """Whether the alias moves from `champion` (a version) to `best`, and why."""
+    if champion is None:
+        return True, "there was no champion yet"
+    held = client.get_model_version(s.model_name, champion)
+    value, params = _champion_metrics(client, held, s.metric)
+    if s.force:
+        return True, f"--force (version {champion} had {s.metric} {_fmt(value)})"
+    if value is None:
+        return False, (f"version {champion} has no {s.metric} to compare with; "
+                       "pass --force to replace it")
+    gain = (best.value - value) if s.maximize else (value - best.value)
+    where = ""
+    if held.tags.get("experiment") and held.tags["experiment"] != s.experiment:
+        where = f" (of experiment {held.tags['experiment']})"
+    compared = f"{s.metric} {best.value:.4f} vs {value:.4f} of version {champion}{where}"
+    if s.min_delta > 0:
+        if gain >= s.min_delta:
+            return True, f"{compared}: better by {gain:.4f} >= min-delta {s.min_delta:g}"
+        return False, f"{compared}: not better by at least min-delta {s.min_delta:g}"
+    if gain > 0:
+        return True, f"{compared}: better"
+    if gain == 0 and params is not None and best.param_count < params:
+        return True, f"{compared}: a tie, with fewer parameters ({_tag(best.param_count)})"
+    return False, f"{compared}: not better"
+
+
+def _champion_metrics(client: MlflowClient, version: ModelVersion,
+                      metric: str) -> tuple[float | None, float | None]:
+    """The champion's metric and parameter count, from its source run (or its version tags)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = version.tags.get("source_run_id") or version.run_id
+    metrics: dict[str, Any] = {}
+    if run_id:
+        try:
+            metrics = client.get_run(run_id).data.metrics
+        except MlflowException:
+            metrics = {}
+    value = metrics.get(metric)
+    if value is None:
+        tag = version.tags.get("val_acc" if metric == "final_val_acc" else metric)
+        value = _float(tag)
+    params = metrics.get("param_count", _float(version.tags.get("param_count")))
+    return value, params
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _fmt(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4f}"
+
+
+def rollback(client: MlflowClient, s: PromoteSettings) -> int:
+    """Give the alias back to the version holding the previous alias; swap the two."""
+    current = aliases(client, s.model_name)
+    previous, champion = current.get(s.previous_alias), current.get(s.alias)
+    if previous is None:
+        print(f"nothing to roll back to: no version of {s.model_name!r} has the alias "
+              f"{s.previous_alias!r}", file=sys.stderr)
+        return EXIT_NOTHING
+    client.set_registered_model_alias(s.model_name, s.alias, previous)
+    if champion is not None:
+        client.set_registered_model_alias(s.model_name, s.previous_alias, champion)
+    else:
+        client.delete_registered_model_alias(s.model_name, s.previous_alias)
+    print(f"rolled back: {s.model_name}@{s.alias} -> version {previous}"
+          + (f" (was version {champion}, which now holds @{s.previous_alias}; the same command "
+             "undoes this)" if champion is not None else ""))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Re-run a trial from its MLflow run ID and compare the new metrics with the recorded ones.
+
+    python -m fractal_mlops.reproduce RUN_ID [--tracking-uri URI] [--atol X] [--device D]
+
+Everything comes from what the run recorded: the resolved `config.yaml` artifact (with its
+`variant` section), the seed inside it, the params `device` and `threads`. The trial is trained
+again through the study's own loop (runner.train_and_log) into a new run of the same
+experiment, tagged `fractal.reproduces=RUN_ID` (and `fractal.role=reproduction`, so it never
+counts as a trial of the study). Then a per-epoch table puts the original and the new metrics
+side by side.
+
+Training is deterministic for the same config, seed, thread count and device: on the CPU the
+metrics must be identical (atol 0); on CUDA they must agree within --atol (default 1e-3).
+A trial that stopped early (PRUNED, FAIL) is re-run up to the epoch where it stopped.
+
+Exit codes: 0 the metrics match, 1 they differ, 2 bad input (unknown run ID, unreachable
+store: one line on stderr, nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, ExperimentConfig, parse_config
+from .promote import OneLineParser, check_existing_store, open_store
+from .space import Variant
+from .tracking import CONFIG_SHA, REASON, REPRODUCES, ROLE, STATE, redact, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+EXIT_MATCH, EXIT_DIFFER, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # deterministic ones
+FINAL_METRICS = ("final_val_acc", "best_val_acc", "param_count")  # + val_acc_column_<k>
+CUDA_ATOL = 1e-3
+REPRODUCIBLE_ROLES = ("trial", "reproduction")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="fractal-mlops reproduce",
+        description="Re-train a trial from what its MLflow run recorded (config.yaml, seed, "
+                    "threads, device) into a new run tagged fractal.reproduces=RUN_ID, and "
+                    "compare the per-epoch metrics. Exit 0 when they match, 1 when not.")
+    parser.add_argument("run_id", metavar="RUN_ID", help="MLflow run ID of a trial")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--atol", type=float, help="tolerance of the comparison (default: 0 = "
+                        f"identical on the CPU, {CUDA_ATOL:g} when either run used CUDA)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="train on this device instead of the run's own")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .console import error_line
+
+    try:
+        if args.atol is not None and not (math.isfinite(args.atol) and args.atol >= 0):
+            raise ConfigError(f"--atol must be a number >= 0, got {args.atol}")
+        uri = resolve_tracking_uri(args.tracking_uri, None)
+        check_existing_store(uri)
+        client = open_store(uri)
+        original = load_original(client, args.run_id.strip(), uri)
+        return reproduce(client, uri, original, args.atol, args.device)
+    except ConfigError as exc:
+        error_line(redact(str(exc)))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        error_line("interrupted: the reproduction run is marked FAIL (interrupted)")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            raise
+        error_line(f"MLflow: {redact(' '.join(str(exc.message).split()))[:500]}")
+        return EXIT_BAD_INPUT
+
+
+# -- what the original run recorded ----------------------------------------------------------
+
+@dataclass
+class RecordedTrial:
+    run: Run
+    experiment_name: str
+    config: ExperimentConfig
+    config_yaml: str
+    variant: Variant
+    epochs: dict[int, dict[str, float]]  # epoch -> {metric: value}
+    final: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.run.data.tags
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.run.data.params
+
+    @property
+    def state(self) -> str:
+        return self.tags.get(STATE, "?")
+
+    @property
+    def last_epoch(self) -> int:
+        return max(self.epochs, default=0)
+
+
+def load_original(client: MlflowClient, run_id: str, uri: str) -> RecordedTrial:
+    """The run, its config.yaml and its metrics; ConfigError when it cannot be reproduced."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"run {run_id!r} not found in {redact(uri)}") from None
+    role = run.data.tags.get(ROLE)
+    if role not in REPRODUCIBLE_ROLES:
+        raise ConfigError(f"run {run_id} is not a trial run (fractal.role={role or 'unset'}): "
+                          "nothing to reproduce")
+    if run.info.status in ("RUNNING", "SCHEDULED"):
+        raise ConfigError(f"run {run_id} is still {run.info.status}; reproduce it once it ended")
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+        try:
+            text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+        except (MlflowException, OSError):
+            raise ConfigError(f"run {run_id} has no config.yaml artifact to rebuild it "
+                              "from") from None
+    config, variant = parse_trial_config(text, run_id)
+    recorded = run.data.params.get("variant")
+    if recorded is not None and recorded != variant.name:
+        raise ConfigError(f"run {run_id}: config.yaml builds variant {variant.name}, but the run "
+                          f"recorded variant {recorded}")
+    epochs: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        for metric in sorted(client.get_metric_history(run_id, key),
+                             key=lambda m: (m.step, m.timestamp)):
+            epochs.setdefault(metric.step, {})[key] = metric.value
+    final = {k: v for k, v in run.data.metrics.items()
+             if k in FINAL_METRICS or k.startswith("val_acc_column_")}
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return RecordedTrial(run, experiment, config, text, variant, epochs, final)
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a tqdm bar for every artifact download; not for one small file."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def parse_trial_config(text: str, run_id: str) -> tuple[ExperimentConfig, Variant]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"run {run_id}: config.yaml is not valid YAML") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("variant"), dict):
+        raise ConfigError(f"run {run_id}: config.yaml has no variant section (not a trial "
+                          "config of fractal_mlops.study)")
+    raw = dict(raw)
+    variant_values = raw.pop("variant")
+    config = parse_config(raw, source=f"runs:/{run_id}/config.yaml")
+    try:
+        variant = Variant.from_dict(variant_values)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"run {run_id}: config.yaml has a bad variant section ({exc})") from None
+    return config, variant
+
+
+# -- the reproduction ------------------------------------------------------------------------
+
+def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: float | None,
+              device_flag: str | None) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .runner import TrialOutcome, TrialStopped, train_and_log
+    from .study import trial_params
+    from .tracking import Tracker, git_commit
+    from .train import resolve_device
+
+    recorded_device = original.params.get("device", "cpu")
+    if device_flag is None and recorded_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run {original.run_id} trained on cuda, which is not available here; "
+                          f"pass --device cpu to re-run it on the CPU (compared within --atol, "
+                          f"default {CUDA_ATOL:g})")
+    device = resolve_device(device_flag or recorded_device)
+    threads = _int(original.params.get("threads")) or torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    tolerance = atol if atol is not None else (
+        0.0 if device.type == recorded_device == "cpu" else CUDA_ATOL)
+    data = load_dataset(original.config.data)  # a missing dataset fails before any write
+
+    for warning in _warnings(original, data.digest, git_commit(), device.type, recorded_device):
+        print(f"warning: {warning}", file=sys.stderr)
+    trial = original.tags.get("optuna.trial_number", "?")
+    print(f"reproducing run {original.run_id} (trial {trial} of {original.experiment_name}, "
+          f"{original.state}): {original.variant.name}, seed {original.config.training.seed}, "
+          f"{original.config.training.epochs} epochs, {device.type}"
+          + (f" with {threads} threads" if device.type == "cpu" else ""))
+
+    tracker = Tracker(uri, original.experiment_name)
+    run_id = tracker.start_trial(
+        original.tags.get("mlflow.parentRunId", ""), original.tags.get("optuna.study_name", ""),
+        _int(trial) or 0, original.variant.name,
+        trial_params(original.variant, original.config, data.name, device.type, threads),
+        original.config_yaml, original.tags.get(CONFIG_SHA, original.config.sha256), data)
+    _tag_reproduction(tracker, run_id, original)
+    print(f"new run {run_id} in experiment {original.experiment_name} "
+          f"(tag {REPRODUCES}={original.run_id})")
+
+    table = EpochTable(original.epochs, tolerance)
+    table.print_header()
+
+    def on_epoch(result) -> str | None:
+        table.print_row(result.epoch, result.metrics())
+        if original.state != "COMPLETE" and result.epoch >= original.last_epoch:
+            if original.last_epoch == 0:
+                return "the original run recorded no epoch to compare with"
+            why = original.tags.get(REASON, "")
+            return (f"stopped at epoch {result.epoch}, where the original run stopped "
+                    f"({original.state}{': ' + why if why else ''})")
+        return None
+
+    outcome = TrialOutcome()
+    try:
+        train_and_log(tracker, run_id, original.variant, data, original.config, device, outcome,
+                      on_epoch=on_epoch)
+        state, reason = "COMPLETE", None
+    except TrialStopped as stopped:
+        state, reason = "PRUNED", str(stopped)
+    except KeyboardInterrupt:
+        tracker.finish_trial(run_id, "FAIL", "interrupted", outcome.metrics(), status="KILLED")
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed re-run is a result, recorded as FAIL
+        state, reason = "FAIL", " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
+    tracker.finish_trial(run_id, state, reason, outcome.metrics())
+    new_epochs = _epochs_of(client, run_id)  # what the new run recorded, read back
+    # an epoch that stopped on a non-finite loss never reached on_epoch: print it now
+    for epoch in sorted(set(new_epochs) - table.printed):
+        table.print_row(epoch, new_epochs[epoch])
+    epochs_match = table.finish(new_epochs)
+    finals_match = compare_finals(original.final, outcome.metrics(), tolerance)
+    same = epochs_match and finals_match
+    states = f"original {original.state}, reproduction {state}" + (f" ({reason})" if reason
+                                                                      else "")
+    how = "identical" if tolerance == 0 else f"equal within atol {tolerance:g}"
+    if same:
+        print(f"MATCH: the metrics are {how} ({states})")
+        return EXIT_MATCH
+    print(f"DIFFERENT: the metrics are not {how} ({states}); see the rows marked DIFFERS")
+    return EXIT_DIFFER
+
+
+def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: str,
+              recorded_device: str) -> list[str]:
+    out = []
+    recorded_commit = original.tags.get("mlflow.source.git.commit")
+    if recorded_commit and commit and recorded_commit != commit:
+        out.append(f"run {original.run_id} was trained at git commit {recorded_commit[:12]}, "
+                   f"this code is at {commit[:12]}: the metrics may differ")
+    elif not recorded_commit:
+        out.append(f"run {original.run_id} recorded no git commit: cannot tell whether the "
+                   "code changed since")
+    digests = {d.dataset.digest for d in original.run.inputs.dataset_inputs}
+    if digests and digest not in digests:
+        out.append(f"the dataset here (digest {digest}) differs from the one the run used "
+                   f"({', '.join(sorted(digests))})")
+    if device != recorded_device:
+        out.append(f"run {original.run_id} trained on {recorded_device}, this one on {device}: "
+                   "expect small differences")
+    return out
+
+
+def _tag_reproduction(tracker, run_id: str, original: RecordedTrial) -> None:
+    from mlflow.entities import RunTag
+
+    name = original.run.info.run_name or original.run_id
+    tags = {ROLE: "reproduction", REPRODUCES: original.run_id,
+            "mlflow.runName": f"reproduce-{name}", "mlflow.source.name": "fractal_mlops.reproduce"}
+    tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _epochs_of(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
+    epochs: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        for metric in sorted(client.get_metric_history(run_id, key),
+                             key=lambda m: (m.step, m.timestamp)):
+            epochs.setdefault(metric.step, {})[key] = metric.value
+    return epochs
+
+
+def _int(text: Any) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def close(a: float | None, b: float | None, atol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= atol
+
+
+class EpochTable:
+    """original | reproduced, metric by metric, one row per epoch (printed as it trains)."""
+
+    def __init__(self, original: dict[int, dict[str, float]], atol: float) -> None:
+        self.original = original
+        self.atol = atol
+        self.printed: set[int] = set()
+        self.differing: set[int] = set()
+
+    def print_header(self) -> None:
+        cells = "".join(f"{m:<25}" for m in EPOCH_METRICS)
+        sub = "".join(f"{'original':>11} {'reproduced':>11}  " for _ in EPOCH_METRICS)
+        print(f"{'':>5}  {cells}".rstrip() + f"\n{'epoch':>5}  {sub}".rstrip(), flush=True)
+
+    def print_row(self, epoch: int, values: dict[str, float]) -> None:
+        before = self.original.get(epoch, {})
+        cells, worst = [], 0.0
+        same = bool(before)
+        for key in EPOCH_METRICS:
+            a, b = before.get(key), values.get(key)
+            cells.append(f"{_num(a):>11} {_num(b):>11}  ")
+            if not close(a, b, self.atol):
+                same = False
+                if a is not None and b is not None:
+                    worst = max(worst, abs(a - b))
+        status = "same" if same else ("DIFFERS, original has no such epoch" if not before else
+                                      f"DIFFERS (max |diff| {worst:.3g})")
+        if not same:
+            self.differing.add(epoch)
+        self.printed.add(epoch)
+        print(f"{epoch:>5}  {''.join(cells)}{status}", flush=True)
+
+    def finish(self, new: dict[int, dict[str, float]]) -> bool:
+        """Compare what the new run recorded (read back from MLflow) with the original."""
+        for epoch in sorted(set(self.original) - set(new)):
+            print(f"{epoch:>5}  original only: "
+                  + ", ".join(f"{k} {_num(v)}" for k, v in self.original[epoch].items())
+                  + "  DIFFERS, missing in the reproduction")
+            self.differing.add(epoch)
+        for epoch, values in new.items():
+            before = self.original.get(epoch, {})
+            if not before or any(not close(before.get(k), values.get(k), self.atol)
+                                 for k in EPOCH_METRICS):
+                self.differing.add(epoch)
+        return not self.differing
+
+
+def compare_finals(original: dict[str, float], new: dict[str, float], atol: float) -> bool:
+    """The final metrics the original recorded (timings aside), against the new ones."""
+    if not original:
+        return True
+    same = True
+    print(f"{'final metric':<20} {'original':>11} {'reproduced':>11}")
+    for key in sorted(original, key=lambda k: (not k.startswith(("final", "best")), k)):
+        a, b = original[key], new.get(key)
+        ok = close(a, b, atol)
+        same &= ok
+        print(f"{key:<20} {_num(a):>11} {_num(b):>11}  {'same' if ok else 'DIFFERS'}")
+    return same
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if float(value).is_integer() and abs(value) >= 100:
+        return f"{int(value):,}"
+    return f"{value:.6f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

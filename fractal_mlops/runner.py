@@ -1,0 +1,98 @@
+"""Train one variant into one MLflow run: the per-epoch loop that the study and reproduce share.
+
+    outcome = TrialOutcome()
+    try:
+        train_and_log(tracker, run_id, variant, data, config, device, outcome, on_epoch=hook)
+        state, reason = "COMPLETE", None
+    except TrialStopped as stopped:        # non-finite loss, divergence, or the hook said stop
+        state, reason = "PRUNED", str(stopped)
+    tracker.finish_trial(run_id, state, reason, outcome.metrics())
+
+Each epoch is logged (step = epoch) before anything decides to stop, so a stopped run keeps the
+epochs it trained. The divergence check is a function of the config and the metrics only, so a
+re-run of the same trial stops at the same epoch. Knows nothing of Optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import ExperimentConfig, PruningConfig
+    from .data import Dataset
+    from .space import Variant
+    from .tracking import Tracker
+    from .train import EpochResult
+
+# Called after each logged epoch; returns a reason to stop (PRUNED) or None to go on.
+EpochHook = Callable[["EpochResult"], "str | None"]
+
+
+class TrialStopped(Exception):
+    """Training stopped early on purpose; the message is the reason (the trial is PRUNED)."""
+
+
+@dataclass
+class TrialOutcome:
+    """What a trial produced so far (kept when it stops early)."""
+
+    final: dict[str, float] | None = None
+    last_val_acc: float | None = None
+    best_val_acc: float | None = None
+    param_count: int | None = None
+    train_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.final or {})
+        for key in ("best_val_acc", "param_count", "train_seconds"):
+            value = getattr(self, key)
+            if value is not None:
+                out.setdefault(key, value)
+        return out
+
+
+def divergence_reason(val_acc: float, epoch: int, chance: float,
+                      pruning: PruningConfig) -> str | None:
+    if epoch <= pruning.warmup_epochs:
+        return None
+    if val_acc <= chance + pruning.chance_margin:
+        return (f"diverged: val_acc {val_acc:.3f} at epoch {epoch} is within "
+                f"{pruning.chance_margin:g} of chance ({chance:.3f})")
+    return None
+
+
+def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
+                  config: ExperimentConfig, device: torch.device, outcome: TrialOutcome,
+                  on_epoch: EpochHook | None = None) -> None:
+    """Train `variant` and log every epoch, the final metrics' inputs and the model to `run_id`.
+
+    Raises TrialStopped (after logging that epoch) on a non-finite loss, on divergence, or when
+    `on_epoch` returns a reason. On success `outcome.final` holds the final metrics; the caller
+    closes the run with `tracker.finish_trial(run_id, ..., outcome.metrics())`.
+    """
+    from .train import Trainer
+
+    trainer = Trainer(variant.to_dict(), data, config.training, device,
+                      flip=config.data.use_flip)
+    outcome.param_count = trainer.param_count
+    chance = 1.0 / data.num_classes
+    for result in trainer.epochs():
+        tracker.log_epoch(run_id, result)
+        outcome.train_seconds = trainer.train_seconds
+        if result.stop_reason:
+            raise TrialStopped(result.stop_reason)
+        outcome.last_val_acc = result.val_acc
+        outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+        hook_reason = on_epoch(result) if on_epoch is not None else None
+        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
+        if reason or hook_reason:
+            raise TrialStopped(reason or hook_reason)
+    final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
+             "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
+    final.update({f"val_acc_column_{k}": acc for k, acc in trainer.column_accuracies().items()})
+    outcome.final = final
+    tracker.log_model(run_id, trainer.model, tuple(data.train_x.shape[1:]), data.num_classes)
