@@ -25,16 +25,17 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import OneLineParser
 from .config import ConfigError
 from .tracking import (
     MODEL_URI,
     ROLE,
     STATE,
     VARIANT,
-    check_tracking_uri,
+    check_existing_store,
+    open_store,
     redact,
     resolve_tracking_uri,
 )
@@ -48,14 +49,6 @@ EXIT_OK, EXIT_NOTHING, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_MODEL_NAME, DEFAULT_ALIAS, DEFAULT_PREVIOUS = "FractalNet", "champion", "previous"
 _ALIAS = re.compile(r"^[\w-]{1,255}$")
 _LOWER_IS_BETTER = re.compile(r"(loss|seconds|_mb|_count)$")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit code 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,26 +145,6 @@ def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
     check_existing_store(uri)
     return PromoteSettings(uri, experiment.strip(), key, not _LOWER_IS_BETTER.search(key), name,
                            args.alias, previous, args.min_delta, args.force)
-
-
-def check_existing_store(uri: str) -> None:
-    """The store must be reachable and, for SQLite, exist already: reading commands create no
-    database (a typo in the path would otherwise give an empty store)."""
-    check_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.split(":///", 1)[1]).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"no MLflow store at {path} (tracking URI {uri}): run a study "
-                              "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-
-
-def open_store(uri: str) -> MlflowClient:
-    """An MlflowClient on `uri`. The registry's SQL store resolves `models:/m-...` sources
-    through MLflow's process-wide tracking URI, so that is set too."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 # -- picking the best run ---------------------------------------------------------------------

@@ -29,10 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, parse_config
-from .promote import OneLineParser, check_existing_store, open_store
 from .space import Variant
-from .tracking import CONFIG_SHA, REASON, REPRODUCES, ROLE, STATE, redact, resolve_tracking_uri
+from .tracking import (
+    CONFIG_SHA,
+    REASON,
+    REPRODUCES,
+    ROLE,
+    STATE,
+    check_existing_store,
+    open_store,
+    redact,
+    resolve_tracking_uri,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -199,8 +209,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     import torch
 
     from .data import load_dataset
-    from .runner import TrialOutcome, TrialStopped, train_and_log
-    from .study import trial_params
+    from .runner import TrialOutcome, TrialStopped, train_and_log, trial_params
     from .tracking import Tracker, git_commit
     from .train import resolve_device
 
@@ -229,9 +238,9 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     run_id = tracker.start_trial(
         original.tags.get("mlflow.parentRunId", ""), original.tags.get("optuna.study_name", ""),
         _int(trial) or 0, original.variant.name,
-        trial_params(original.variant, original.config, data.name, device.type, threads),
-        original.config_yaml, original.tags.get(CONFIG_SHA, original.config.sha256), data)
-    _tag_reproduction(tracker, run_id, original)
+        trial_params(original.variant, original.config, data, device.type, threads),
+        original.config_yaml, original.tags.get(CONFIG_SHA, original.config.sha256), data,
+        extra_tags=_reproduction_tags(original))
     print(f"new run {run_id} in experiment {original.experiment_name} "
           f"(tag {REPRODUCES}={original.run_id})")
 
@@ -298,13 +307,10 @@ def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: 
     return out
 
 
-def _tag_reproduction(tracker, run_id: str, original: RecordedTrial) -> None:
-    from mlflow.entities import RunTag
-
+def _reproduction_tags(original: RecordedTrial) -> dict[str, str]:
     name = original.run.info.run_name or original.run_id
-    tags = {ROLE: "reproduction", REPRODUCES: original.run_id,
+    return {ROLE: "reproduction", REPRODUCES: original.run_id,
             "mlflow.runName": f"reproduce-{name}", "mlflow.source.name": "fractal_mlops.reproduce"}
-    tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _epochs_of(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,30 @@ if TYPE_CHECKING:
 
 # Called after each logged epoch; returns a reason to stop (PRUNED) or None to go on.
 EpochHook = Callable[["EpochResult"], "str | None"]
+
+
+def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, device: str,
+                 threads: int) -> dict[str, Any]:
+    """The trial's MLflow params: every dimension, the training settings, the variant name,
+    and the normalization the logged model expects its inputs to have had."""
+    params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
+    params.update(config.to_dict()["training"])
+    params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
+                  data_mean=_rounded(data.mean), data_std=_rounded(data.std))
+    return params
+
+
+def _rounded(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:.6g}" for v in values)
+
+
+def trial_config_yaml(variant: Variant, config: ExperimentConfig) -> str:
+    import yaml
+
+    resolved = config.to_dict()
+    resolved["space"] = {k: [v] for k, v in variant.to_dict().items() if k != "name"}
+    resolved["variant"] = variant.to_dict()
+    return yaml.safe_dump(resolved, sort_keys=False)
 
 
 class TrialStopped(Exception):

@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
-from .runner import TrialOutcome, TrialStopped, train_and_log
+from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
 from .space import Variant, grid
 from .storage import (
     HEARTBEAT_SECONDS,
@@ -46,14 +47,6 @@ if TYPE_CHECKING:
 
 RETRYABLE = ("worker lost", "interrupted")  # FAIL reasons whose grid point is trained again
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit code 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,24 +326,6 @@ class TrialContext:
     variants: list[Variant]
 
 
-def trial_params(variant: Variant, config: ExperimentConfig, dataset: str, device: str,
-                 threads: int) -> dict[str, Any]:
-    """The trial's MLflow params: every dimension, the training settings, the variant name."""
-    params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
-    params.update(config.to_dict()["training"])
-    params.update(dataset=dataset, variant=variant.name, device=device, threads=threads)
-    return params
-
-
-def trial_config_yaml(variant: Variant, config: ExperimentConfig) -> str:
-    import yaml
-
-    resolved = config.to_dict()
-    resolved["space"] = {k: [v] for k, v in variant.to_dict().items() if k != "name"}
-    resolved["variant"] = variant.to_dict()
-    return yaml.safe_dump(resolved, sort_keys=False)
-
-
 def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
               progress: StudyProgress) -> None:
     import optuna
@@ -361,7 +336,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
     progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
     run_id = ctx.tracker.start_trial(
         ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
-        trial_params(variant, config, ctx.data.name, ctx.device.type, torch.get_num_threads()),
+        trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
         trial_config_yaml(variant, config), config.sha256, ctx.data)
     trial.set_user_attr("mlflow_run_id", run_id)
     outcome = TrialOutcome()

@@ -70,6 +70,26 @@ def check_tracking_uri(uri: str) -> None:
         check_database_url(sqlalchemy_url(uri), "tracking URI")
 
 
+def check_existing_store(uri: str) -> None:
+    """The store must be reachable and, for SQLite, exist already: reading commands create no
+    database (a typo in the path would otherwise give an empty store)."""
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.split(":///", 1)[1]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"no MLflow store at {path} (tracking URI {uri}): run a study "
+                              "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+
+
+def open_store(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`. The registry's SQL store resolves `models:/m-...` sources
+    through MLflow's process-wide tracking URI, so that is set too."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def sqlalchemy_url(url: str) -> str:
     """postgresql:// means psycopg2 to SQLAlchemy; this project ships psycopg 3."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -211,22 +231,22 @@ class Tracker:
     # -- trial runs -------------------------------------------------------------------------
     def start_trial(self, parent_run_id: str, study_name: str, trial_number: int,
                     variant_name: str, params: dict[str, Any], config_yaml: str,
-                    config_sha: str, dataset: Dataset) -> str:
+                    config_sha: str, dataset: Dataset, extra_tags: dict[str, str] | None = None,
+                    ) -> str:
+        """A nested run for one trial (`extra_tags` may override, e.g. for a reproduction)."""
         tags = {
             ROLE: "trial", "mlflow.parentRunId": parent_run_id, VARIANT: variant_name,
             "optuna.study_name": study_name, "optuna.trial_number": str(trial_number),
-            CONFIG_SHA: config_sha, **self._source_tags(),
+            CONFIG_SHA: config_sha, "mlflow.runName": f"trial-{trial_number:04d}-{variant_name}",
+            **self._source_tags(), **(extra_tags or {}),
         }
-        run_name = f"trial-{trial_number:04d}-{variant_name}"
+        run_name = tags["mlflow.runName"]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
         self._log_params(run_id, params)
         self.client.log_text(run_id, config_yaml, "config.yaml")
         self._log_dataset(run_id, dataset)
         return run_id
-
-    def tag_reproduction(self, run_id: str, original_run_id: str) -> None:
-        self.client.set_tag(run_id, REPRODUCES, original_run_id)
 
     def log_epoch(self, run_id: str, result: EpochResult) -> None:
         from mlflow.entities import Metric
