@@ -16,7 +16,6 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from timm.layers import create_act_layer, create_norm_layer
@@ -88,9 +87,10 @@ def frozen_norm_statistics(module: nn.Module):
             norm.num_batches_tracked.copy_(tracked)
 
 
-def checkpoint_contexts(block: nn.Module):
-    """(forward, recomputation) contexts for torch.utils.checkpoint."""
-    return contextlib.nullcontext(), frozen_norm_statistics(block)
+def checkpointed(module: nn.Module, *args) -> list[Tensor]:
+    """module(*args), keeping only its inputs and outputs: backward runs the forward again."""
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), frozen_norm_statistics(module)))
 
 
 class FractalPath(nn.Module):
@@ -105,14 +105,18 @@ class FractalPath(nn.Module):
             self.first = FractalPath(columns - 1, in_ch, out_ch, unit)
             self.second = FractalPath(columns - 1, out_ch, out_ch, unit)
 
-    def forward(self, z: Tensor, column: int | None = None, drop_prob: float = 0.0) -> list[Tensor]:
+    def forward(self, z: Tensor, column: int | None = None, drop_prob: float = 0.0,
+                checkpointing: bool = False) -> list[Tensor]:
+        """With `checkpointing`, the two halves f_{C-1} are checkpointed separately, so that
+        backward holds the activations of half a block at a time, not of the whole block."""
+        run = checkpointed if checkpointing else nn.Module.__call__
         if column == 1 or self.columns == 1:
-            return [self.shallow(z)]
+            return [run(self.shallow, z)]
         if column is not None:  # one column alone: only the units on its path run
-            middle = self.first(z, column - 1)[0]
-            return self.second(middle, column - 1)
-        middle = join(self.first(z, None, drop_prob), drop_prob)
-        return [self.shallow(z), *self.second(middle, None, drop_prob)]
+            middle = run(self.first, z, column - 1)[0]
+            return run(self.second, middle, column - 1)
+        middle = join(run(self.first, z, None, drop_prob), drop_prob)
+        return [self.shallow(z), *run(self.second, middle, None, drop_prob)]
 
 
 class FractalBlock(nn.Module):
@@ -122,8 +126,9 @@ class FractalBlock(nn.Module):
         self.path = FractalPath(columns, in_ch, out_ch, unit)
         self.pool = nn.MaxPool2d(2)
 
-    def forward(self, x: Tensor, column: int | None = None, drop_prob: float = 0.0) -> Tensor:
-        return self.pool(join(self.path(x, column, drop_prob), drop_prob))
+    def forward(self, x: Tensor, column: int | None = None, drop_prob: float = 0.0,
+                checkpointing: bool = False) -> Tensor:
+        return self.pool(join(self.path(x, column, drop_prob, checkpointing), drop_prob))
 
 
 class FractalNet(nn.Module):
@@ -182,12 +187,9 @@ class FractalNet(nn.Module):
 
     def forward_features(self, x: Tensor, column: int | None = None) -> Tensor:
         drop_column, drop_prob = self._drop_plan() if column is None else (column, 0.0)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, drop_column, drop_prob, use_reentrant=False,
-                               context_fn=partial(checkpoint_contexts, block))
-            else:
-                x = block(x, drop_column, drop_prob)
+            x = block(x, drop_column, drop_prob, checkpointing)
         return x
 
     def forward(self, x: Tensor, column: int | None = None) -> Tensor:

@@ -60,16 +60,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 / AMX: without them, bf16 autocast on the CPU is many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CPU and on CUDA that supports it, else fp16 (with a GradScaler)."""
+    """auto: bf16 where the hardware has it (CUDA, CPUs with native bf16), fp16 (with a
+    GradScaler) on CUDA without bf16, else off (fp32)."""
     if mode == "off":
         return None
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("training.amp fp16 needs CUDA; use bf16 or auto on the CPU")
     if mode == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 

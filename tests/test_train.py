@@ -1,0 +1,152 @@
+"""Training one variant: it learns, it is reproducible, it stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fractal_mlops.config import ConfigError, DataConfig, TrainConfig
+from fractal_mlops.data import load_dataset
+from fractal_mlops.train import (
+    EpochResult,
+    Trainer,
+    cpu_has_native_bf16,
+    resolve_amp,
+    resolve_device,
+)
+
+REASONABLE = dict(blocks=2, columns=2, width=32, unit="conv-norm-act", norm="batch",
+                  activation="relu", dropout=0.0, drop_path="local+global",
+                  name="b2-c2-w32-conv.batch.relu-dpLG")
+QUICK_LEARNER = dict(blocks=2, columns=2, width=16, unit="conv-norm-act", norm="batch",
+                     activation="relu", dropout=0.0, drop_path="local+global")
+TINY = dict(blocks=1, columns=2, width=8, unit="conv-norm-act", norm="batch",
+            activation="relu", dropout=0.0, drop_path="local+global")
+CONTRACT_METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds",
+                    "images_per_second", "host_mem_peak_mb"}
+TIMING_AND_MEMORY = {"epoch_seconds", "images_per_second", "host_mem_peak_mb", "gpu_mem_peak_mb"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(name="digits"))
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    return load_dataset(DataConfig(name="digits", train_limit=600, val_limit=300))
+
+
+def learned(result: EpochResult) -> dict[str, float]:
+    return {k: v for k, v in result.metrics().items() if k not in TIMING_AND_MEMORY}
+
+
+def test_a_reasonable_variant_learns_digits(digits):
+    settings = TrainConfig(epochs=4, batch_size=32, lr=0.1, momentum=0.9, seed=0)
+    trainer = Trainer(REASONABLE, digits, settings)
+    results = list(trainer.epochs())
+    assert [r.epoch for r in results] == [1, 2, 3, 4]
+    assert max(r.val_acc for r in results) >= 0.90
+    assert results[-1].train_loss < results[0].train_loss
+    assert all(r.stop_reason is None for r in results)
+    assert trainer.model.variant_name == REASONABLE["name"]
+
+    for result in results:
+        metrics = result.metrics()
+        assert set(metrics) == CONTRACT_METRICS  # no gpu_mem_peak_mb on the CPU
+        assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+        assert 0.0 <= metrics["val_acc"] <= 1.0 and 0.0 <= metrics["train_acc"] <= 1.0
+        assert metrics["epoch_seconds"] > 0 and metrics["images_per_second"] > 0
+        assert metrics["host_mem_peak_mb"] > 50  # the training process's resident memory
+    assert trainer.train_seconds >= sum(r.epoch_seconds for r in results) * 0.99
+
+    columns = trainer.column_accuracies()
+    assert sorted(columns) == [1, 2]
+    assert all(0.0 <= acc <= 1.0 for acc in columns.values())
+    assert max(columns.values()) > 0.5  # each column alone is a working network
+
+
+def test_same_seed_same_results(small_digits):
+    def run(seed: int) -> list[dict[str, float]]:
+        settings = TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=seed)
+        trainer = Trainer(TINY, small_digits, settings, flip=True)
+        return [learned(r) for r in trainer.epochs()] + [trainer.column_accuracies()]
+
+    first = run(seed=3)
+    assert run(seed=3) == first
+    assert run(seed=4) != first
+
+
+def test_non_finite_loss_stops_training_with_a_reason(small_digits):
+    variant = dict(TINY, unit="conv-act", norm="none", drop_path="none")
+    settings = TrainConfig(epochs=3, batch_size=64, lr=1e30, seed=0)
+    results = list(Trainer(variant, small_digits, settings).epochs())
+    assert len(results) < settings.epochs
+    last = results[-1]
+    assert last.stop_reason is not None and "non-finite" in last.stop_reason
+    assert not math.isfinite(last.train_loss)
+    assert all(r.stop_reason is None for r in results[:-1])
+
+
+def test_bf16_autocast_trains_on_cpu(small_digits):
+    settings = TrainConfig(epochs=1, batch_size=32, lr=0.003, optimizer="adamw", seed=0,
+                           amp="bf16", channels_last=True)
+    trainer = Trainer(QUICK_LEARNER, small_digits, settings)
+    assert trainer.amp_dtype == torch.bfloat16
+    results = list(trainer.epochs())
+    assert all(math.isfinite(r.train_loss) for r in results)
+    assert results[-1].val_acc > 0.4  # chance is 0.1
+    assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_amp_modes_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) == torch.bfloat16
+    # auto: bf16 only where the CPU runs it natively (elsewhere it is many times slower)
+    assert resolve_amp("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_amp("fp16", cpu)
+
+
+def test_fp16_on_cpu_is_a_config_error(small_digits):
+    with pytest.raises(ConfigError, match="fp16"):
+        Trainer(TINY, small_digits, TrainConfig(amp="fp16"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+def test_cuda_without_a_gpu_is_a_config_error():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError):
+        resolve_device("tpu")
+
+
+def test_gradient_checkpointing_trains_the_same_model(small_digits):
+    """Checkpointing trades compute for memory only: the trained network must not change
+    (batch-norm running statistics included, which the validation metrics depend on)."""
+
+    def run(checkpointing: bool) -> list[dict[str, float]]:
+        settings = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=0,
+                               grad_checkpointing=checkpointing)
+        trainer = Trainer(TINY, small_digits, settings)
+        assert trainer.model.grad_checkpointing is checkpointing
+        return [learned(r) for r in trainer.epochs()]
+
+    plain, checkpointed = run(False), run(True)
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_adamw_and_weight_decay_train(small_digits):
+    settings = TrainConfig(epochs=1, batch_size=32, lr=0.003, optimizer="adamw",
+                           weight_decay=0.01, seed=0)
+    trainer = Trainer(QUICK_LEARNER, small_digits, settings)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    (result,) = list(trainer.epochs())
+    assert math.isfinite(result.train_loss) and result.val_acc > 0.4
