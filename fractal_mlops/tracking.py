@@ -327,9 +327,23 @@ class Tracker:
 
         source = CodeDatasetSource(tags={"source": redact(dataset.source)})
         meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
-        self.client.log_inputs(run_id, datasets=[
-            DatasetInput(meta._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
-        ])
+        inputs = [DatasetInput(meta._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])]
+        # MLflow inserts an experiment's dataset row on first use with check-then-insert, so two
+        # workers logging the same dataset at once can collide on its unique key. The loser's
+        # transaction is rolled back; trying again finds the row and only links the run to it.
+        for attempt in range(5):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as exc:
+                if attempt == 4 or not _is_unique_violation(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+
+def _is_unique_violation(exc: Exception) -> bool:
+    text = str(exc)
+    return "UNIQUE constraint failed" in text or "duplicate key value" in text
 
 
 def _pip_requirements() -> list[str]:

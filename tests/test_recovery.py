@@ -61,7 +61,7 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
 
     from fractal_mlops.storage import HEARTBEAT_GRACE, open_storage, resolve_storage, worker_identity
     from fractal_mlops.study import recover_lost_trials
-    from fractal_mlops.tracking import Tracker
+    from fractal_mlops.tracking import ROLE, Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None))
@@ -76,7 +76,7 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
     runs = {}
     for name, (identity, heartbeat) in workers.items():
         trial = study.ask()
-        tags = {"optuna.study_name": "hosts", "optuna.trial_number": str(trial.number)}
+        tags = {ROLE: "trial", "optuna.study_name": "hosts", "optuna.trial_number": str(trial.number)}
         run_id = tracker.client.create_run(tracker.experiment_id, run_name=name,
                                            tags=tags).info.run_id
         trial.set_user_attr("worker", identity)
