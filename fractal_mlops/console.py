@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .storage import RETRYABLE
+
 
 def make_console() -> Console:
     return Console(highlight=False, soft_wrap=True)
@@ -101,7 +103,7 @@ def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_si
     console.print(table)
     counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
     finished_points = len({r.variant for r in rows if r.state in counts and r.reason not in
-                           RETRYABLE_REASONS})
+                           RETRYABLE})
     trial_seconds = sum(r.seconds or 0.0 for r in rows)
     console.print(
         f"grid {finished_points}/{grid_size} done: [green]{counts['COMPLETE']} COMPLETE[/], "
@@ -113,9 +115,6 @@ def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_si
         console.print(f"  pruned: trial {row.number} {escape(row.variant)}: "
                       f"{escape(row.reason or '')}")
     console.print(f"Compare the trials in the MLflow UI:\n  {ui_command}")
-
-
-RETRYABLE_REASONS = {"worker lost", "interrupted"}
 
 
 def worker_prefix() -> str:

@@ -10,13 +10,14 @@ value makes it a no-op (norm "none", activation "none", dropout 0) is dropped fr
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .cli import OneLineParser
 from .config import DIMENSIONS, ConfigError, ExperimentConfig, load_config
 
 DROP_PATH_SHORT = {"none": "dp0", "local": "dpL", "local+global": "dpLG"}
@@ -83,8 +84,8 @@ def grid(config: ExperimentConfig) -> list[Variant]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fractal-mlops space",
-                                     description="Print the size and the variants of a template grid.")
+    parser = OneLineParser(prog="fractal-mlops space",
+                           description="Print the size and the variants of a template grid.")
     parser.add_argument("--config", help="experiment YAML (default: the shipped quickstart.yaml)")
     parser.add_argument("--json", action="store_true", help="print the variants as a JSON list")
     args = parser.parse_args(argv)
@@ -94,16 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     variants = grid(config)
-    if args.json:
+    try:
+        print_variants(config, variants, as_json=args.json)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def print_variants(config: ExperimentConfig, variants: list[Variant], as_json: bool) -> None:
+    if as_json:
         json.dump([v.to_dict() for v in variants], sys.stdout, indent=1)
-        print()
-        return 0
+        print(flush=True)
+        return
     dims = ", ".join(f"{d}={len(config.space[d])}" for d in DIMENSIONS if len(config.space[d]) > 1)
     print(f"{config.study_name}: {len(variants)} distinct variants ({dims or 'one point'})")
     for index, variant in enumerate(variants, 1):
         print(f"{index:5d}  {variant.name}")
-    return 0
-
+    sys.stdout.flush()
 
 if __name__ == "__main__":
     sys.exit(main())

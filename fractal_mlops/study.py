@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml
 from .space import Variant, grid
 from .storage import (
     HEARTBEAT_SECONDS,
+    RETRYABLE,
+    TRACKING_FAILED,
     StorageSpec,
     check_storage,
     claim_lock,
@@ -45,7 +48,6 @@ if TYPE_CHECKING:
     from .console import StudyProgress
     from .tracking import Tracker
 
-RETRYABLE = ("worker lost", "interrupted")  # FAIL reasons whose grid point is trained again
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
@@ -108,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
+    except TrackingUnavailable as exc:
+        error_line(redact(str(exc)))
+        return 1
     except KeyboardInterrupt:
         error_line("interrupted: the running trial is marked FAIL (interrupted); "
                    "run the same command again to resume")
         return EXIT_INTERRUPTED
+
+
+class TrackingUnavailable(Exception):
+    """MLflow refused to record a trial's start: the worker stops (exit 1)."""
 
 
 # -- one worker ----------------------------------------------------------------------------
@@ -253,6 +262,7 @@ def _finished_points(study: optuna.Study) -> set[str]:
 
 def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Variant, int] | None:
     """Create the trial of the next pending grid point (call under the claim lock)."""
+    import optuna
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
@@ -263,14 +273,18 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
     if not pending:
         return None
     choice = pending[0]
-    study.enqueue_trial({"variant": choice.name}, user_attrs={"variant": choice.name})
+    # One storage call creates the trial RUNNING with its point, owner and the GridSampler's
+    # bookkeeping (grid_id: the sampler sees the point as visited and never picks one itself).
+    # No WAITING trial and no queue in between that another worker could pop.
     names = [v.name for v in variants]
-    trial = study.ask({"variant": CategoricalDistribution(names)})
-    trial.set_user_attr("worker", worker_identity())
-    trial.set_user_attr("heartbeat", time.time())
-    # the GridSampler's own bookkeeping, so it sees the point as visited
-    study._storage.set_trial_system_attr(trial._trial_id, "search_space", {"variant": names})
-    study._storage.set_trial_system_attr(trial._trial_id, "grid_id", names.index(choice.name))
+    template = optuna.trial.FrozenTrial(
+        number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
+        datetime_start=datetime.now(), datetime_complete=None,
+        params={"variant": choice.name}, distributions={"variant": CategoricalDistribution(names)},
+        user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time()},
+        system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
+        intermediate_values={})
+    trial = optuna.Trial(study, study._storage.create_new_trial(study._study_id, template))
     position = len(variants) - len(pending) + 1
     return trial, choice, position
 
@@ -334,10 +348,17 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
 
     config = ctx.settings.config
     progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
-    run_id = ctx.tracker.start_trial(
-        ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
-        trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
-        trial_config_yaml(variant, config), config.sha256, ctx.data)
+    try:
+        run_id = ctx.tracker.start_trial(
+            ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
+            trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
+            trial_config_yaml(variant, config), config.sha256, ctx.data)
+    except Exception as exc:  # noqa: BLE001 - the store is down: stop, don't burn the grid
+        trial.set_user_attr("reason", TRACKING_FAILED)
+        ctx.study.tell(trial, state=TrialState.FAIL)
+        raise TrackingUnavailable(
+            f"MLflow could not record trial {trial.number} ({_one_line(exc)}); its grid point "
+            "stays pending: run the same command again when the tracking store is back") from None
     trial.set_user_attr("mlflow_run_id", run_id)
     outcome = TrialOutcome()
     try:

@@ -243,9 +243,14 @@ class Tracker:
         run_name = tags["mlflow.runName"]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
-        self._log_params(run_id, params)
-        self.client.log_text(run_id, config_yaml, "config.yaml")
-        self._log_dataset(run_id, dataset)
+        try:
+            self._log_params(run_id, params)
+            self.client.log_text(run_id, config_yaml, "config.yaml")
+            self._log_dataset(run_id, dataset)
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # leave no RUNNING run behind, if the store lets us
+                self.finish_trial(run_id, "FAIL", f"recording the trial failed: {exc}")
+            raise
         return run_id
 
     def log_epoch(self, run_id: str, result: EpochResult) -> None:

@@ -50,7 +50,9 @@ def test_three_workers_with_separate_environments_share_one_study(
                                storage=postgres.optuna_url).get_trials()
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
     points = collections.Counter(t.params["variant"] for t in trials)
-    assert len(points) == 6 and set(points.values()) == {1}  # every point exactly once
+    record = [(t.number, t.params["variant"], t.state.name, t.user_attrs.get("reason"),
+               t.user_attrs.get("worker")) for t in trials]
+    assert len(points) == 6 and set(points.values()) == {1}, record  # every point exactly once
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the grid was split
 
     client = mlflow.MlflowClient(server.uri)
