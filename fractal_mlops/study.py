@@ -13,6 +13,7 @@ nothing. `--help` imports neither torch, timm nor mlflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
@@ -40,7 +41,7 @@ from .storage import (
     worker_identity,
     worker_is_gone,
 )
-from .tracking import check_tracking_uri, redact, resolve_tracking_uri
+from .tracking import check_tracking_uri, is_tracking_outage, redact, resolve_tracking_uri
 
 if TYPE_CHECKING:
     import optuna
@@ -142,6 +143,7 @@ def run_worker(settings: StudySettings, console) -> int:
 
     started_at = time.monotonic()
     study, tracker, parent_run_id = open_stores(settings, variants)
+    close_orphaned_runs(study, tracker)
 
     prefix = worker_prefix()
     live = None if not prefix else False
@@ -304,6 +306,16 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
     return lost
 
 
+def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """Close RUNNING trial runs whose Optuna trial has finished: a tracking outage stopped their
+    worker before MLflow heard the end."""
+    finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    for run_id, number in tracker.running_trial_runs(study.study_name):
+        if number in finished:
+            reason = finished[number].user_attrs.get("reason") or "finished while unrecorded"
+            tracker.finish_trial(run_id, "FAIL", reason, status="KILLED")
+
+
 class Heartbeat:
     """Refreshes the trial's `heartbeat` user attr, so workers on other hosts see it alive."""
 
@@ -353,12 +365,8 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
             ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
             trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
             trial_config_yaml(variant, config), config.sha256, ctx.data)
-    except Exception as exc:  # noqa: BLE001 - the store is down: stop, don't burn the grid
-        trial.set_user_attr("reason", TRACKING_FAILED)
-        ctx.study.tell(trial, state=TrialState.FAIL)
-        raise TrackingUnavailable(
-            f"MLflow could not record trial {trial.number} ({_one_line(exc)}); its grid point "
-            "stays pending: run the same command again when the tracking store is back") from None
+    except Exception as exc:  # noqa: BLE001
+        _tracking_lost(ctx, trial, None, exc)
     trial.set_user_attr("mlflow_run_id", run_id)
     outcome = TrialOutcome()
     try:
@@ -371,10 +379,17 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
         _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
         raise
     except Exception as exc:  # noqa: BLE001 - any error fails this trial, the study goes on
+        if is_tracking_outage(exc):
+            _tracking_lost(ctx, trial, run_id, exc)
         state, reason = "FAIL", _one_line(exc)
     optuna_state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
                     "FAIL": TrialState.FAIL}[state]
-    _finish(ctx, trial, run_id, state, reason, outcome, optuna_state)
+    try:
+        _finish(ctx, trial, run_id, state, reason, outcome, optuna_state)
+    except Exception as exc:
+        if not is_tracking_outage(exc):
+            raise
+        _tracking_lost(ctx, trial, run_id, exc)
     progress.trial_done(len(_finished_points(ctx.study)), trial.number, variant.name, state,
                         outcome.last_val_acc, reason)
 
@@ -416,6 +431,21 @@ def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | Non
             ctx.study.tell(trial, state=optuna_state)
     except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
         print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
+
+
+def _tracking_lost(ctx: TrialContext, trial, run_id: str | None, exc: Exception) -> NoReturn:
+    """MLflow stopped answering: FAIL the trial with a retryable reason and stop this worker,
+    rather than failing every remaining grid point against a dead store."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("reason", TRACKING_FAILED)
+    if run_id is not None:
+        with contextlib.suppress(Exception):  # the store may be back already
+            ctx.tracker.finish_trial(run_id, "FAIL", TRACKING_FAILED, status="KILLED")
+    ctx.study.tell(trial, state=TrialState.FAIL)
+    raise TrackingUnavailable(
+        f"MLflow could not record trial {trial.number} ({_one_line(exc)}); its grid point stays "
+        "pending: run the same command again when the tracking store is back") from None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -300,16 +300,19 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status or RUN_STATUS[state])
 
+    def running_trial_runs(self, study_name: str) -> list[tuple[str, int]]:
+        """(run ID, Optuna trial number) of the study's trial runs that are RUNNING."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"attributes.status = 'RUNNING' and tags.`{ROLE}` = 'trial' "
+            f"and tags.`optuna.study_name` = '{study_name}'", max_results=10000)
+        return [(r.info.run_id, int(r.data.tags["optuna.trial_number"])) for r in runs]
+
     def close_lost_runs(self, study_name: str, trial_number: int, reason: str) -> None:
         """Close the RUNNING run(s) of a trial whose worker is gone (killed, crashed). Found by
         tags, so that a worker killed before it recorded its run ID is covered too."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            f"attributes.status = 'RUNNING' and tags.`{ROLE}` = 'trial' "
-            f"and tags.`optuna.study_name` = '{study_name}' "
-            f"and tags.`optuna.trial_number` = '{trial_number}'")
-        for run in runs:
-            self.finish_trial(run.info.run_id, "FAIL", reason, status="KILLED")
+        for run_id, number in self.running_trial_runs(study_name):
+            if number == trial_number:
+                self.finish_trial(run_id, "FAIL", reason, status="KILLED")
 
     # -- helpers ----------------------------------------------------------------------------
     def _source_tags(self) -> dict[str, str]:
@@ -344,6 +347,22 @@ class Tracker:
                 if attempt == 4 or not _is_unique_violation(exc):
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+
+def is_tracking_outage(exc: BaseException) -> bool:
+    """Is MLflow unreachable (the server, or the database behind it), rather than refusing
+    one request? (A refused request fails its trial; an outage stops the worker.)"""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    if not isinstance(exc, MlflowException):
+        return False
+    text = str(exc)
+    return (("API request to" in text and "failed with exception" in text)
+            or re.search(r"failed with error code 5\d\d", text) is not None
+            or "OperationalError" in text or "database is locked" in text)
 
 
 def _is_unique_violation(exc: Exception) -> bool:

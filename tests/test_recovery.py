@@ -34,7 +34,8 @@ def kill_mid_trial_then_resume(study: StudyDir, config, *argv: str) -> None:
     assert lost_run.data.tags["fractal.state"] == "FAIL"
     assert lost_run.data.tags["fractal.reason"] == "worker lost"
     trials = study.optuna_trials(study_name)
-    lost = [t for t in trials if t.user_attrs.get("mlflow_run_id") == run_id]
+    # by the run's trial-number tag: the kill may land before the trial recorded its run ID
+    lost = [t for t in trials if t.number == int(lost_run.data.tags["optuna.trial_number"])]
     assert len(lost) == 1 and lost[0].state.name == "FAIL"
     assert lost[0].user_attrs["reason"] == "worker lost"
     points = finished_points(trials)
@@ -94,3 +95,49 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
     for name in ("beating", "local-alive"):
         assert trials[runs[name][0]].state.name == "RUNNING"
         assert tracker.client.get_run(runs[name][1]).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_goes_away_stops_the_worker_and_the_point_is_trained_later(
+        tmp_path, monkeypatch):
+    """The MLflow server dies mid-trial: the worker stops with one line (exit 1) instead of
+    failing every remaining point against a dead store; the point stays pending, and the next
+    run, with the server back, closes the orphaned run and trains the point."""
+    from servers import mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, not after minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
+    config = write_config(tmp_path / "tiny.yaml", study_name="outage",
+                          space={"blocks": [2], "columns": [2], "width": [16],
+                                 "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
+                          training={"epochs": 6})
+    with mlflow_server(backend, artifacts) as uri:
+        study = StudyDir(tmp_path, tracking_uri=uri)
+        proc = study.popen("--config", str(config), *study.args())
+        orphan = study.wait_for_running_trial(proc)
+    out, err = proc.communicate(timeout=300)  # the server is gone now
+
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "tracking store is back" in err
+    trials = study.optuna_trials("outage")
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["reason"] == "tracking store unavailable"
+
+    with mlflow_server(backend, artifacts) as uri:
+        study = StudyDir(tmp_path, tracking_uri=uri)
+        assert study.client().get_run(orphan).info.status == "RUNNING"  # nobody could close it
+        resumed = study.run("--config", str(config), *study.args())
+        assert resumed.returncode == 0, resumed.stderr
+        closed = study.client().get_run(orphan)
+        # (by tag: the outage may have struck before the trial recorded its run ID)
+        assert closed.data.tags["optuna.trial_number"] == str(failed[0].number)
+        assert closed.info.status == "KILLED"
+        assert closed.data.tags["fractal.reason"] == "tracking store unavailable"
+        assert not study.running_trial_runs()
+    trials = study.optuna_trials("outage")
+    points = collections.Counter(t.params["variant"] for t in trials
+                                 if t.user_attrs.get("reason") != "tracking store unavailable")
+    assert len(points) == 3 and set(points.values()) == {1}  # the lost point was trained again
+    assert failed[0].params["variant"] in points
