@@ -35,6 +35,7 @@ from .tracking import (
     STATE,
     VARIANT,
     check_existing_store,
+    mlflow_error_line,
     open_store,
     redact,
     resolve_tracking_uri,
@@ -91,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
     except Exception as exc:
-        from mlflow.exceptions import MlflowException
-
-        if not isinstance(exc, MlflowException):
+        message = mlflow_error_line(exc)
+        if message is None:
             raise
-        error_line(f"MLflow: {redact(' '.join(str(exc.message).split()))[:500]}")
+        error_line(message)
         return EXIT_BAD_INPUT
 
 

@@ -349,6 +349,15 @@ class Tracker:
                 time.sleep(0.2 * (attempt + 1))
 
 
+def mlflow_error_line(exc: BaseException) -> str | None:
+    """One redacted line for an MlflowException (None for any other error)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    return f"MLflow: {redact(' '.join(str(exc.message).split()))[:500]}"
+
+
 def is_tracking_outage(exc: BaseException) -> bool:
     """Is MLflow unreachable (the server, or the database behind it), rather than refusing
     one request? (A refused request fails its trial; an outage stops the worker.)"""
