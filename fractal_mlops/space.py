@@ -113,5 +113,6 @@ def print_variants(config: ExperimentConfig, variants: list[Variant], as_json: b
         print(f"{index:5d}  {variant.name}")
     sys.stdout.flush()
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class TrackingUnavailable(Exception):
-    """MLflow refused to record a trial's start: the worker stops (exit 1)."""
+    """MLflow could not be reached while recording a trial: the worker stops (exit 1)."""
 
 
 # -- one worker ----------------------------------------------------------------------------
