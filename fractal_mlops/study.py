@@ -301,14 +301,16 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
             continue
         study._storage.set_trial_user_attr(t._trial_id, "reason", "worker lost")
         study.tell(t.number, state=TrialState.FAIL)
-        tracker.close_lost_runs(study.study_name, t.number, "worker lost")
         lost.append(t.number)
+    if lost:
+        close_orphaned_runs(study, tracker)
     return lost
 
 
 def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
-    """Close RUNNING trial runs whose Optuna trial has finished: a tracking outage stopped their
-    worker before MLflow heard the end."""
+    """Close RUNNING trial runs whose Optuna trial has finished: their worker was lost, or a
+    tracking outage stopped it before MLflow heard the end. Found by tags, so that a worker
+    killed before it recorded its run ID is covered too."""
     finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     for run_id, number in tracker.running_trial_runs(study.study_name):
         if number in finished:

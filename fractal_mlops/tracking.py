@@ -307,13 +307,6 @@ class Tracker:
             f"and tags.`optuna.study_name` = '{study_name}'", max_results=10000)
         return [(r.info.run_id, int(r.data.tags["optuna.trial_number"])) for r in runs]
 
-    def close_lost_runs(self, study_name: str, trial_number: int, reason: str) -> None:
-        """Close the RUNNING run(s) of a trial whose worker is gone (killed, crashed). Found by
-        tags, so that a worker killed before it recorded its run ID is covered too."""
-        for run_id, number in self.running_trial_runs(study_name):
-            if number == trial_number:
-                self.finish_trial(run_id, "FAIL", reason, status="KILLED")
-
     # -- helpers ----------------------------------------------------------------------------
     def _source_tags(self) -> dict[str, str]:
         tags = {"mlflow.source.name": "fractal_mlops.study", "mlflow.source.type": "LOCAL"}
