@@ -45,6 +45,7 @@ from .tracking import check_tracking_uri, is_tracking_outage, redact, resolve_tr
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
     from .console import StudyProgress
     from .tracking import Tracker
@@ -147,7 +148,7 @@ def run_worker(settings: StudySettings, console) -> int:
 
     prefix = worker_prefix()
     live = None if not prefix else False
-    done = len(_finished_points(study))
+    done = _points_done(study)
     console.print(f"{prefix}study [bold]{settings.study_name}[/]: {len(variants)} variants on "
                   f"{data.name} ({len(data.train_x)} train / {len(data.val_x)} val images), "
                   f"{done} done, device {device.type}")
@@ -249,17 +250,17 @@ def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
 
 # -- claiming grid points --------------------------------------------------------------------
 
-def _finished_points(study: optuna.Study) -> set[str]:
+def _finished_points(trials: list[FrozenTrial]) -> set[str]:
     """Variants that have their final COMPLETE / PRUNED / FAIL trial."""
     from optuna.trial import TrialState
 
-    finished = set()
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-                t.state == TrialState.FAIL and t.user_attrs.get("reason") not in RETRYABLE):
-            if "variant" in t.params:
-                finished.add(t.params["variant"])
-    return finished
+    return {t.params["variant"] for t in trials if "variant" in t.params and (
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+            t.state == TrialState.FAIL and t.user_attrs.get("reason") not in RETRYABLE))}
+
+
+def _points_done(study: optuna.Study) -> int:
+    return len(_finished_points(study.get_trials(deepcopy=False)))
 
 
 def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Variant, int] | None:
@@ -268,9 +269,11 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
-    taken = _finished_points(study) | {
-        t.params["variant"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if "variant" in t.params}
+    # One read of the trials: another worker's trial that finishes meanwhile is seen either
+    # RUNNING or finished, never neither (two reads once let its point be claimed again).
+    trials = study.get_trials(deepcopy=False)
+    taken = _finished_points(trials) | {
+        t.params["variant"] for t in trials if t.state == TrialState.RUNNING and "variant" in t.params}
     pending = [v for v in variants if v.name not in taken]
     if not pending:
         return None
@@ -392,7 +395,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
         if not is_tracking_outage(exc):
             raise
         _tracking_lost(ctx, trial, run_id, exc)
-    progress.trial_done(len(_finished_points(ctx.study)), trial.number, variant.name, state,
+    progress.trial_done(_points_done(ctx.study), trial.number, variant.name, state,
                         outcome.last_val_acc, reason)
 
 
@@ -474,7 +477,7 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
         complete = [r.value for r in rows if r.state == "COMPLETE" and r.value is not None]
         summary = {f"n_{s.lower()}": sum(r.state == s for r in rows)
                    for s in ("COMPLETE", "PRUNED", "FAIL")}
-        summary.update(grid_size=grid_size, grid_done=len(_finished_points(study)))
+        summary.update(grid_size=grid_size, grid_done=_points_done(study))
         if complete:
             summary["best_val_acc"] = max(complete)
         tracker.update_study_summary(parent_run_id, summary)
