@@ -296,14 +296,18 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
 
 def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
     """Mark RUNNING trials whose worker is gone FAIL ("worker lost"), close their MLflow runs."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "worker lost")
-        study.tell(t.number, state=TrialState.FAIL)
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "reason", "worker lost")
+            study.tell(t.number, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # its worker finished it after all
+            continue
         lost.append(t.number)
     if lost:
         close_orphaned_runs(study, tracker)
@@ -329,11 +333,15 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, args=(study, trial_id), daemon=True)
 
     def _beat(self, study: optuna.Study, trial_id: int) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
-            except Exception:  # noqa: BLE001 - finished meanwhile, or the store hiccuped
+            except UpdateFinishedTrialError:  # finished, or declared lost by another worker
                 return
+            except Exception:  # noqa: BLE001 - the store hiccuped: beat again next time
+                continue
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -380,6 +388,8 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
         state, reason = "COMPLETE", None
     except optuna.TrialPruned as pruned:
         state, reason = "PRUNED", str(pruned)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for lost
+        state, reason = "FAIL", "worker lost"
     except KeyboardInterrupt:
         _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
         raise
@@ -425,11 +435,11 @@ def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | Non
             outcome: TrialOutcome, optuna_state, run_status: str | None = None) -> None:
     """Close the MLflow run first, then tell Optuna (a crash in between is recovered)."""
     ctx.tracker.finish_trial(run_id, state, reason, outcome.metrics(), status=run_status)
-    if reason:
-        trial.set_user_attr("reason", redact(reason))
-    if outcome.param_count is not None:
-        trial.set_user_attr("param_count", outcome.param_count)
     try:
+        if reason:
+            trial.set_user_attr("reason", redact(reason))
+        if outcome.param_count is not None:
+            trial.set_user_attr("param_count", outcome.param_count)
         if optuna_state.name == "COMPLETE":
             ctx.study.tell(trial, outcome.last_val_acc)
         else:

@@ -98,6 +98,42 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_worker_taken_for_lost_drops_that_trial_and_carries_on(study_dir: StudyDir):
+    """Another host's worker declares this one lost (its heartbeat looked stale) while it still
+    trains: it stops that trial without a traceback, the point is trained again, and the run of
+    the dropped trial is closed."""
+    import optuna
+
+    from fractal_mlops.storage import open_storage, resolve_storage
+
+    config = write_config(study_dir.root / "tiny.yaml", study_name="taken",
+                          space={"blocks": [2], "columns": [2], "width": [16],
+                                 "unit": ["conv-norm-act", "conv-act-norm"]},
+                          training={"epochs": 3})
+    proc = study_dir.popen("--config", str(config), *study_dir.args())
+    run_id = study_dir.wait_for_running_trial(proc)
+    study = optuna.load_study(study_name="taken", storage=open_storage(
+        resolve_storage(study_dir.storage, None)))
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert len(running) == 1
+    # what recover_lost_trials does on another host when this worker's heartbeat looks stale
+    study._storage.set_trial_user_attr(running[0]._trial_id, "reason", "worker lost")
+    study.tell(running[0].number, state=optuna.trial.TrialState.FAIL)
+
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    trials = study_dir.optuna_trials("taken")
+    points = finished_points(trials)
+    assert len(points) == 2 and set(points.values()) == {1}
+    assert running[0].params["variant"] in points  # trained again
+    dropped = study_dir.client().get_run(run_id)
+    assert dropped.info.status in ("FAILED", "KILLED")
+    assert dropped.data.tags["fractal.reason"] == "worker lost"
+    assert not study_dir.running_trial_runs()
+
+
+@pytest.mark.slow
 def test_a_tracking_server_that_goes_away_stops_the_worker_and_the_point_is_trained_later(
         tmp_path, monkeypatch):
     """The MLflow server dies mid-trial: the worker stops with one line (exit 1) instead of
