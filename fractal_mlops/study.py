@@ -380,16 +380,16 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
             trial_config_yaml(variant, config), config.sha256, ctx.data)
     except Exception as exc:  # noqa: BLE001
         _tracking_lost(ctx, trial, None, exc)
-    trial.set_user_attr("mlflow_run_id", run_id)
-    outcome = TrialOutcome()
+    outcome, run_status = TrialOutcome(), None
     try:
+        trial.set_user_attr("mlflow_run_id", run_id)
         with Heartbeat(ctx.study, trial._trial_id):
             train_and_track(ctx, trial, variant, run_id, outcome, progress)
         state, reason = "COMPLETE", None
     except optuna.TrialPruned as pruned:
         state, reason = "PRUNED", str(pruned)
     except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for lost
-        state, reason = "FAIL", "worker lost"
+        state, reason, run_status = "FAIL", "worker lost", "KILLED"
     except KeyboardInterrupt:
         _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
         raise
@@ -400,7 +400,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
     optuna_state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
                     "FAIL": TrialState.FAIL}[state]
     try:
-        _finish(ctx, trial, run_id, state, reason, outcome, optuna_state)
+        _finish(ctx, trial, run_id, state, reason, outcome, optuna_state, run_status)
     except Exception as exc:
         if not is_tracking_outage(exc):
             raise
