@@ -33,6 +33,7 @@ from .storage import (
     HEARTBEAT_SECONDS,
     RETRYABLE,
     TRACKING_FAILED,
+    WORKER_LOST,
     StorageSpec,
     check_storage,
     claim_lock,
@@ -304,7 +305,7 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
         if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", "worker lost")
+            study._storage.set_trial_user_attr(t._trial_id, "reason", WORKER_LOST)
             study.tell(t.number, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # its worker finished it after all
             continue
@@ -389,7 +390,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
     except optuna.TrialPruned as pruned:
         state, reason = "PRUNED", str(pruned)
     except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for lost
-        state, reason, run_status = "FAIL", "worker lost", "KILLED"
+        state, reason, run_status = "FAIL", WORKER_LOST, "KILLED"
     except KeyboardInterrupt:
         _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
         raise

@@ -35,6 +35,17 @@ def write_config(path: Path, **sections) -> Path:
     return path
 
 
+def load_optuna_study(storage: str, study_name: str):
+    """The study as the CLI sees it (`storage`: anything --storage accepts)."""
+    import optuna
+
+    from fractal_mlops.storage import open_storage, resolve_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=study_name,
+                             storage=open_storage(resolve_storage(storage, None)))
+
+
 class StudyDir:
     """A working directory with its own stores; runs the real CLI in subprocesses."""
 
@@ -105,14 +116,11 @@ class StudyDir:
             time.sleep(0.2)
         raise AssertionError("no trial started in time")
 
+    def optuna_study(self, study_name: str):
+        return load_optuna_study(self.storage, study_name)
+
     def optuna_trials(self, study_name: str):
-        import optuna
-
-        from fractal_mlops.storage import open_storage, resolve_storage
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = open_storage(resolve_storage(self.storage, None))
-        return optuna.load_study(study_name=study_name, storage=storage).get_trials()
+        return self.optuna_study(study_name).get_trials()
 
 
 @pytest.fixture

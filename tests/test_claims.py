@@ -15,25 +15,20 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import load_optuna_study
 
 WORKER = Path(__file__).with_name("claim_worker.py")
 POINTS = 60
 
 
 def race(storage: str, study_name: str, workers: int = 3) -> list:
-    import optuna
-
-    from fractal_mlops.storage import open_storage, resolve_storage
-
     procs = [subprocess.Popen([sys.executable, str(WORKER), storage, study_name, str(POINTS),
                                str(seed)], stderr=subprocess.PIPE, text=True)
              for seed in range(workers)]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    study = optuna.load_study(study_name=study_name,
-                              storage=open_storage(resolve_storage(storage, None)))
-    return study.get_trials()
+    return load_optuna_study(storage, study_name).get_trials()
 
 
 @pytest.fixture(params=["journal", "sqlite", "postgresql"])

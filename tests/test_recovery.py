@@ -104,16 +104,13 @@ def test_a_worker_taken_for_lost_drops_that_trial_and_carries_on(study_dir: Stud
     the dropped trial is closed."""
     import optuna
 
-    from fractal_mlops.storage import open_storage, resolve_storage
-
     config = write_config(study_dir.root / "tiny.yaml", study_name="taken",
                           space={"blocks": [2], "columns": [2], "width": [16],
                                  "unit": ["conv-norm-act", "conv-act-norm"]},
                           training={"epochs": 3})
     proc = study_dir.popen("--config", str(config), *study_dir.args())
     run_id = study_dir.wait_for_running_trial(proc)
-    study = optuna.load_study(study_name="taken", storage=open_storage(
-        resolve_storage(study_dir.storage, None)))
+    study = study_dir.optuna_study("taken")
     running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     assert len(running) == 1
     # what recover_lost_trials does on another host when this worker's heartbeat looks stale
