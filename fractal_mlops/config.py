@@ -1,14 +1,15 @@
 """Typed, validated experiment configuration: the one place for defaults and config errors.
 
-An experiment YAML has five sections (all optional except what differs from the defaults):
+An experiment YAML has six sections (all optional except what differs from the defaults):
 
     study_name: fractalnet-quickstart
     data:     {name: digits | cifar10 | synthetic, root: ..., val_fraction: 0.2, ...}
     space:    {blocks: [..], columns: [..], unit: [..], norm: [..], activation: [..],
-               dropout: [..], drop_path: [..], width: [..]}
+               dropout: [..], drop_path: [..], width: [..], weight_sharing: [..]}
     training: {epochs, batch_size, lr, momentum, weight_decay, optimizer, seed, amp,
                grad_checkpointing, channels_last}
     pruning:  {warmup_epochs, chance_margin, pruner: none | median | successive_halving}
+    evaluation: {halting_threshold: 0.9}   (anytime inference halted by confidence)
     run:      {tracking_uri, storage, device: auto | cpu | cuda, workers, n_trials}
 
 Command-line flags override the `run` section.
@@ -49,6 +50,7 @@ ACTIVATIONS = (
     "none",
 )
 DROP_PATHS = ("none", "local", "local+global")
+WEIGHT_SHARING = ("none", "recursive")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 OPTIMIZERS = ("sgd", "adamw")
 PRUNERS = ("none", "median", "successive_halving")
@@ -65,6 +67,7 @@ SPACE_DEFAULTS: dict[str, list[Any]] = {
     "dropout": [0.0],
     "drop_path": ["local+global"],
     "width": [64],
+    "weight_sharing": ["none"],
 }
 DIMENSIONS = tuple(SPACE_DEFAULTS)
 
@@ -116,6 +119,13 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    # anytime inference: an image stops at the first column whose top softmax probability
+    # reaches this (0: always column 1; 1: only a certain answer stops early)
+    halting_threshold: float = 0.9
+
+
+@dataclass(frozen=True)
 class RunConfig:
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     storage: str | None = None  # default: a journal file under mlruns/
@@ -131,6 +141,7 @@ class ExperimentConfig:
     space: dict[str, list[Any]] = field(default_factory=lambda: dict(SPACE_DEFAULTS))
     training: TrainConfig = field(default_factory=TrainConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # where it was read from
 
@@ -139,6 +150,12 @@ class ExperimentConfig:
         out = asdict(self)
         out.pop("source")
         out.pop("run")
+        # left out at their defaults, so that the config (and its sha256) of a study started
+        # before these options existed is unchanged and the study still resumes
+        if out["space"].get("weight_sharing") == SPACE_DEFAULTS["weight_sharing"]:
+            out["space"] = {k: v for k, v in out["space"].items() if k != "weight_sharing"}
+        if self.evaluation == EvaluationConfig():
+            out.pop("evaluation")
         return out
 
     def to_yaml(self) -> str:
@@ -184,7 +201,7 @@ def load_config(path: str | None = None) -> ExperimentConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    known = {"study_name", "data", "space", "training", "pruning", "run"}
+    known = {"study_name", "data", "space", "training", "pruning", "evaluation", "run"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (expected one of {sorted(known)})")
@@ -193,12 +210,14 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     data = _section(DataConfig, raw.get("data"), "data")
     training = _section(TrainConfig, raw.get("training"), "training")
     pruning = _section(PruningConfig, raw.get("pruning"), "pruning")
+    evaluation = _section(EvaluationConfig, raw.get("evaluation"), "evaluation")
     _check_data(data)
     _check_training(training)
     _check_pruning(pruning)
+    _check_evaluation(evaluation)
     run = check_run(_section(RunConfig, raw.get("run"), "run"))
     space = _check_space(raw.get("space"), data)
-    return ExperimentConfig(study_name, data, space, training, pruning, run, source)
+    return ExperimentConfig(study_name, data, space, training, pruning, evaluation, run, source)
 
 
 def check_study_name(name: Any) -> str:
@@ -279,6 +298,12 @@ def _check_pruning(p: PruningConfig) -> None:
     _one_of(p.pruner, PRUNERS, "pruning.pruner")
 
 
+def _check_evaluation(e: EvaluationConfig) -> None:
+    if not 0.0 <= e.halting_threshold <= 1.0:  # also refuses nan
+        raise ConfigError("evaluation.halting_threshold must be a probability in [0, 1], "
+                          f"got {e.halting_threshold}")
+
+
 def check_run(r: RunConfig) -> RunConfig:
     _one_of(r.device, DEVICES, "device")
     if r.workers < 1:
@@ -351,7 +376,8 @@ def _check_value(dim: str, value: Any) -> Any:
         return float(value)
     if dim == "unit":
         return "-".join(parse_unit(value, where))
-    allowed = {"norm": NORMS, "activation": ACTIVATIONS, "drop_path": DROP_PATHS}[dim]
+    allowed = {"norm": NORMS, "activation": ACTIVATIONS, "drop_path": DROP_PATHS,
+               "weight_sharing": WEIGHT_SHARING}[dim]
     if not isinstance(value, str):
         raise ConfigError(f"{where} values must be strings, got {value!r}")
     _one_of(value.lower(), allowed, where)

@@ -8,6 +8,17 @@ capped at 8x the first; a linear head on the globally pooled features.
 Drop-path (training only): "local" drops each join input with probability p (at least one kept);
 "local+global" also picks, for half of the mini-batches, one column that the whole network uses.
 Any single column can run alone at evaluation time (the anytime property): `model(x, column=k)`.
+
+Weight sharing (`weight_sharing="recursive"`): the rule applies f_C twice, f_C(f_C(z)); Larsson
+builds two independent copies, so a block holds 2^C - 1 units. With sharing, the applications
+of f_k in a block that play the same role share one set of conv weights. There are two roles:
+the chain that reads the block's input (in -> out channels: f_C, its first half, that one's
+first half, ...) and everything after it (out -> out). A block then holds one unit per level
+and role: C + (C - 1) = 2C - 1 convs, linear in C. The input chain keeps its own weights even
+where in == out (the width cap), so that the count, and whether anything is shared at all,
+follows from the variant alone: with one or two columns nothing is shared. Norms stay per
+application by default (each application keeps its own statistics and affine parameters;
+measured in benchmarks/bench_sharing.py); `shared_norms=True` shares whole units.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from timm.layers import create_act_layer, create_norm_layer
@@ -27,6 +39,12 @@ from torch.utils.checkpoint import checkpoint
 from .config import parse_unit
 
 TIMM_NORMS = {"batch": "batchnorm2d", "group": "groupnorm", "layer": "layernorm2d"}
+WEIGHT_SHARING = ("none", "recursive")
+
+UnitFactory = Callable[[int, int], nn.Module]
+# (in channels, out channels, level k of the f_k that the unit belongs to, role) -> unit
+Role = Literal["input", "inner"]
+PathUnitFactory = Callable[[int, int, int, Role], nn.Module]
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -93,17 +111,41 @@ def checkpointed(module: nn.Module, *args) -> list[Tensor]:
                       context_fn=lambda: (contextlib.nullcontext(), frozen_norm_statistics(module)))
 
 
+class RecursiveUnits:
+    """Unit factory of one block with recursive weight sharing: one conv per (level, role).
+
+    With `shared_norms`, the whole unit (conv, norm, ...) is shared; otherwise each application
+    gets its own unit around the shared conv.
+    """
+
+    def __init__(self, unit: UnitFactory, shared_norms: bool) -> None:
+        self.unit = unit
+        self.shared_norms = shared_norms
+        self.built: dict[tuple[int, Role], nn.Module] = {}
+
+    def __call__(self, in_ch: int, out_ch: int, level: int, role: Role) -> nn.Module:
+        first = self.built.get((level, role))
+        if first is None:
+            first = self.built[(level, role)] = self.unit(in_ch, out_ch)
+            return first
+        if self.shared_norms:
+            return first
+        fresh = self.unit(in_ch, out_ch)
+        fresh.conv = first.conv  # same position in the Sequential, shared parameters
+        return fresh
+
+
 class FractalPath(nn.Module):
     """f_C: returns the outputs of its columns (shallowest first), not yet joined."""
 
-    def __init__(self, columns: int, in_ch: int, out_ch: int,
-                 unit: Callable[[int, int], nn.Module]) -> None:
+    def __init__(self, columns: int, in_ch: int, out_ch: int, unit: PathUnitFactory,
+                 role: Role = "input") -> None:
         super().__init__()
         self.columns = columns
-        self.shallow = unit(in_ch, out_ch)
+        self.shallow = unit(in_ch, out_ch, columns, role)
         if columns > 1:
-            self.first = FractalPath(columns - 1, in_ch, out_ch, unit)
-            self.second = FractalPath(columns - 1, out_ch, out_ch, unit)
+            self.first = FractalPath(columns - 1, in_ch, out_ch, unit, role)
+            self.second = FractalPath(columns - 1, out_ch, out_ch, unit, "inner")
 
     def forward(self, z: Tensor, column: int | None = None, drop_prob: float = 0.0,
                 checkpointing: bool = False) -> list[Tensor]:
@@ -120,11 +162,23 @@ class FractalPath(nn.Module):
 
 
 class FractalBlock(nn.Module):
-    def __init__(self, columns: int, in_ch: int, out_ch: int,
-                 unit: Callable[[int, int], nn.Module]) -> None:
+    def __init__(self, columns: int, in_ch: int, out_ch: int, unit: UnitFactory,
+                 weight_sharing: str = "none", shared_norms: bool = False) -> None:
         super().__init__()
-        self.path = FractalPath(columns, in_ch, out_ch, unit)
+        self.weight_sharing = weight_sharing
+        self.shared_norms = shared_norms and weight_sharing != "none"
+        if weight_sharing == "recursive":
+            units: PathUnitFactory = RecursiveUnits(unit, shared_norms)
+        else:
+            def units(in_ch: int, out_ch: int, level: int, role: Role) -> nn.Module:
+                return unit(in_ch, out_ch)
+        self.path = FractalPath(columns, in_ch, out_ch, units)
         self.pool = nn.MaxPool2d(2)
+
+    def extra_repr(self) -> str:
+        if self.weight_sharing == "none":
+            return ""
+        return f"weight_sharing={self.weight_sharing}, shared_norms={self.shared_norms}"
 
     def forward(self, x: Tensor, column: int | None = None, drop_prob: float = 0.0,
                 checkpointing: bool = False) -> Tensor:
@@ -146,12 +200,16 @@ class FractalNet(nn.Module):
         in_chans: int = 3,
         local_drop_prob: float = 0.15,
         grad_checkpointing: bool = False,
+        weight_sharing: str = "none",
+        shared_norms: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__()
         ops = parse_unit(unit, "unit")
         if drop_path not in ("none", "local", "local+global"):
             raise ValueError(f"drop_path {drop_path!r} must be none, local or local+global")
+        if weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(f"weight_sharing {weight_sharing!r} must be none or recursive")
         self.columns = columns
         self.drop_path = drop_path if columns > 1 else "none"
         self.local_drop_prob = local_drop_prob
@@ -164,7 +222,7 @@ class FractalNet(nn.Module):
 
         widths = [min(width * 2**i, width * 8) for i in range(blocks)]
         self.blocks = nn.ModuleList(
-            FractalBlock(columns, cin, cout, unit_factory)
+            FractalBlock(columns, cin, cout, unit_factory, weight_sharing, shared_norms)
             for cin, cout in zip([in_chans, *widths[:-1]], widths, strict=True)
         )
         self.num_features = widths[-1]

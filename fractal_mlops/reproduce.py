@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 
 EXIT_MATCH, EXIT_DIFFER, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # deterministic ones
-FINAL_METRICS = ("final_val_acc", "best_val_acc", "param_count")  # + val_acc_column_<k>
+# + val_acc_column_<k>; halting_* on runs recorded since anytime halting exists
+FINAL_METRICS = ("final_val_acc", "best_val_acc", "param_count", "halting_val_acc",
+                 "halting_compute")
 CUDA_ATOL = 1e-3
 REPRODUCIBLE_ROLES = ("trial", "reproduction")
 

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from .tracking import Tracker
     from .train import EpochResult
 
+# The anytime curve of a COMPLETE trial: threshold, accuracy, compute_fraction, halted_column_<k>
+ANYTIME_ARTIFACT = "anytime.csv"
+
 # Called after each logged epoch; returns a reason to stop (PRUNED) or None to go on.
 EpochHook = Callable[["EpochResult"], "str | None"]
 
@@ -38,6 +41,7 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
     and the normalization the logged model expects its inputs to have had."""
     params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
     params.update(config.to_dict()["training"])
+    params["halting_threshold"] = config.evaluation.halting_threshold
     params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
                   data_mean=_rounded(data.mean), data_std=_rounded(data.std))
     return params
@@ -92,7 +96,8 @@ def divergence_reason(val_acc: float, epoch: int, chance: float,
 def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
                   config: ExperimentConfig, device: torch.device, outcome: TrialOutcome,
                   on_epoch: EpochHook | None = None) -> None:
-    """Train `variant` and log every epoch, the final metrics' inputs and the model to `run_id`.
+    """Train `variant` and log every epoch, the final metrics' inputs, the anytime curve
+    (confidence-halted inference at `evaluation.halting_threshold`) and the model to `run_id`.
 
     Raises TrialStopped (after logging that epoch) on a non-finite loss, on divergence, or when
     `on_epoch` returns a reason. On success `outcome.final` holds the final metrics; the caller
@@ -117,6 +122,10 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
             raise TrialStopped(reason or hook_reason)
     final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
              "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
-    final.update({f"val_acc_column_{k}": acc for k, acc in trainer.column_accuracies().items()})
+    threshold = config.evaluation.halting_threshold
+    column_accuracies, halting, curve = trainer.anytime(threshold)
+    final.update({f"val_acc_column_{k}": acc for k, acc in column_accuracies.items()})
+    final.update(halting_val_acc=halting.accuracy, halting_compute=halting.compute_fraction)
     outcome.final = final
+    tracker.log_text(run_id, curve, ANYTIME_ARTIFACT)
     tracker.log_model(run_id, trainer.model, tuple(data.train_x.shape[1:]), data.num_classes)

@@ -287,6 +287,9 @@ class Tracker:
         self.client.set_tag(run_id, MODEL_URI, info.model_uri)
         return info.model_uri
 
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
     def finish_trial(self, run_id: str, state: str, reason: str | None = None,
                      final_metrics: dict[str, float] | None = None,
                      status: str | None = None) -> None:

@@ -4,6 +4,7 @@
     for result in trainer.epochs():
         print(result.metrics())          # train/val loss and accuracy, speed, peak memory
     trainer.column_accuracies()          # {1: acc of column 1 alone, ...} (anytime property)
+    trainer.anytime(0.9)                 # ... plus confidence-halted inference (anytime.py)
 
 Same seed, same machine, same thread count: identical epoch results on the CPU.
 """
@@ -22,6 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .anytime import (
+    ColumnOutputs,
+    HaltingPoint,
+    anytime_curve,
+    collect,
+    column_flops,
+    curve_csv,
+    halting_point,
+)
 from .config import ConfigError, TrainConfig
 from .data import Dataset, DeviceLoader
 from .model import FractalNet, build_model, param_count
@@ -213,6 +223,28 @@ class Trainer:
             if stop:
                 return
 
+    @torch.no_grad()
+    def column_outputs(self) -> ColumnOutputs:
+        """Each column's answer alone on every validation image (the anytime property)."""
+        self.model.eval()
+        logits: list[list[torch.Tensor]] = [[] for _ in range(self.model.columns)]
+        labels = []
+        for images, batch_labels in self.val_loader:
+            for column in range(1, self.model.columns + 1):
+                with self._autocast():
+                    logits[column - 1].append(self.model(images, column=column).float())
+            labels.append(batch_labels)
+        return collect([torch.cat(chunks) for chunks in logits], torch.cat(labels))
+
     def column_accuracies(self) -> dict[int, float]:
         """Validation accuracy of each column alone (the anytime property)."""
-        return {k: self.evaluate(column=k)[1] for k in range(1, self.model.columns + 1)}
+        outputs = self.column_outputs()
+        return {k: outputs.accuracy(k) for k in range(1, outputs.columns + 1)}
+
+    def anytime(self, threshold: float) -> tuple[dict[int, float], HaltingPoint, str]:
+        """Column accuracies, the halting point at `threshold`, and the curve as CSV text."""
+        outputs = self.column_outputs()
+        flops = column_flops(self.model, tuple(self.val_loader.x.shape[1:]))
+        accuracies = {k: outputs.accuracy(k) for k in range(1, outputs.columns + 1)}
+        return (accuracies, halting_point(outputs, flops, threshold),
+                curve_csv(anytime_curve(outputs, flops, threshold)))
