@@ -211,11 +211,11 @@ def test_without_drop_path_training_outputs_are_deterministic():
     assert all(torch.equal(train[0], out) for out in train)
 
 
-def loss_and_grads(checkpointing: bool, drop_path: str):
+def loss_and_grads(checkpointing: bool, drop_path: str, **options):
     torch.manual_seed(0)
     model = FractalNet(blocks=3, columns=3, width=8, unit="conv-norm-act-drop", norm="batch",
                        activation="relu", dropout=0.2, drop_path=drop_path,
-                       grad_checkpointing=checkpointing).train()
+                       grad_checkpointing=checkpointing, **options).train()
     x = torch.randn(8, 3, 16, 16)
     labels = torch.randint(0, 10, (8,))
     torch.manual_seed(123)

@@ -13,7 +13,7 @@ from fractal_mlops.config import SPACE_DEFAULTS, parse_config
 from fractal_mlops.space import Variant, enumerate_variants
 
 DIMENSION_KEYS = {"blocks", "columns", "width", "unit", "norm", "activation", "dropout",
-                  "drop_path"}
+                  "drop_path", "weight_sharing"}
 
 
 def grid_json(*args: str) -> list[dict]:
@@ -53,7 +53,7 @@ def test_json_variants_build_working_models_with_timm():
 def test_paper_grid_variants_are_all_distinct_networks(monkeypatch):
     """Every one of the paper grid's variants builds a structurally different network.
 
-    Building all 1,520 models in full takes ~3 minutes (they hold 177k units), so identical
+    Building all 2,720 models in full takes ~3 minutes (they hold 177k units), so identical
     fractal blocks are built once and shared: FractalNet.__init__ runs for real for every
     variant, but its FractalBlock constructor returns a cached block when the block's column
     count, channels and the units its factory builds (fingerprinted from built units) are the
@@ -70,11 +70,11 @@ def test_paper_grid_variants_are_all_distinct_networks(monkeypatch):
     blocks: dict[tuple, torch.nn.Module] = {}
     memo: dict = {}
 
-    def cached_block(columns, in_ch, out_ch, unit):
+    def cached_block(columns, in_ch, out_ch, unit, *sharing):
         key = (columns, in_ch, out_ch, structural_fingerprint(unit(in_ch, out_ch)),
-               structural_fingerprint(unit(out_ch, out_ch)))
+               structural_fingerprint(unit(out_ch, out_ch)), *sharing)
         if key not in blocks:
-            blocks[key] = real_block(columns, in_ch, out_ch, unit)
+            blocks[key] = real_block(columns, in_ch, out_ch, unit, *sharing)
         return blocks[key]
 
     monkeypatch.setattr(model_module, "FractalBlock", cached_block)
@@ -82,6 +82,7 @@ def test_paper_grid_variants_are_all_distinct_networks(monkeypatch):
         monkeypatch.setattr(layer, "reset_parameters", lambda self: None)
     variants = grid_json("--config", str(EXPERIMENTS / "paper_cifar10.yaml"))
     assert len(variants) >= 1200
+    assert {v["weight_sharing"] for v in variants} == {"none", "recursive"}
     assert len({v["name"] for v in variants}) == len(variants)
     fingerprints = {}
     with torch.device("meta"):
@@ -102,7 +103,7 @@ def test_fingerprint_tells_unit_orders_and_dimensions_apart():
     changes = [dict(unit="conv-act-norm"), dict(unit="norm-act-conv"), dict(norm="group"),
                dict(activation="gelu"), dict(unit="conv-norm-act-drop", dropout=0.1),
                dict(drop_path="local+global"), dict(drop_path="none"), dict(columns=3),
-               dict(blocks=3), dict(width=16)]
+               dict(blocks=3), dict(width=16), dict(columns=3, weight_sharing="recursive")]
     with torch.device("meta"):
         reference = structural_fingerprint(FractalNet(**base))
         again = structural_fingerprint(FractalNet(**base))
