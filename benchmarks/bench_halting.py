@@ -11,7 +11,8 @@ answer, in eval mode, alternating rounds and taking the median of each:
 
 It prints, per threshold, the accuracy, the nominal compute fraction that the study logs as
 `halting_compute` (FLOPs relative to column C alone), and the measured time relative to
-`deepest` and to `full`, at two batch sizes: the whole validation set in one batch (the
+`deepest` and to `full` (wall time, and the process's CPU time, which a machine shared with
+other jobs disturbs less), at two batch sizes: the whole validation set in one batch (the
 throughput case) and one image at a time (the latency case).
 
     python benchmarks/bench_halting.py [--columns 4] [--width 32] [--epochs 6] [--rounds 5]
@@ -35,12 +36,13 @@ from fractal_mlops.train import Trainer
 THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
 
 
-def timed(fn, x: torch.Tensor, batch: int) -> float:
-    start = time.perf_counter()
+def timed(fn, x: torch.Tensor, batch: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) to answer all of `x` in batches."""
+    wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for i in range(0, len(x), batch):
             fn(x[i:i + batch])
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -94,22 +96,27 @@ def main() -> None:
     for batch, images in ((len(x), x), (1, x[:args.single_images])):
         ways = {"full": full, "deepest": deepest,
                 **{f"halting@{t:g}": halting(t) for t in THRESHOLDS}}
-        times: dict[str, list[float]] = {name: [] for name in ways}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
         for _ in range(args.rounds):
             for name, fn in ways.items():
                 times[name].append(timed(fn, images, batch))
-        median = {name: statistics.median(ts) for name, ts in times.items()}
+        wall = {name: statistics.median(t[0] for t in ts) for name, ts in times.items()}
+        cpu = {name: statistics.median(t[1] for t in ts) for name, ts in times.items()}
         per_image = 1e3 / len(images)
-        print(f"\nbatch {batch} ({len(images)} images, median of {args.rounds} rounds):")
-        print(f"  full network   {median['full'] * per_image:8.3f} ms/image")
-        print(f"  column {args.columns} alone {median['deepest'] * per_image:8.3f} ms/image "
-              f"({median['deepest'] / median['full']:.2f} x full)")
+        print(f"\nbatch {batch} ({len(images)} images, median of {args.rounds} rounds; "
+              "wall ms/image, CPU ms/image):")
+        print(f"  full network    wall {wall['full'] * per_image:7.3f}  cpu "
+              f"{cpu['full'] * per_image:7.3f}")
+        print(f"  column {args.columns} alone  wall {wall['deepest'] * per_image:7.3f}  cpu "
+              f"{cpu['deepest'] * per_image:7.3f}  ({wall['deepest'] / wall['full']:.2f} x full "
+              f"wall, {cpu['deepest'] / cpu['full']:.2f} x full cpu)")
         for t in THRESHOLDS:
-            p, m = points[t], median[f"halting@{t:g}"]
-            print(f"  halting @ {t:<6g}{m * per_image:8.3f} ms/image  accuracy {p.accuracy:.4f}"
-                  f"  nominal compute {p.compute_fraction:.3f} x column {args.columns}"
-                  f"  measured {m / median['deepest']:.3f} x column {args.columns},"
-                  f" {m / median['full']:.3f} x full")
+            p, w, c = points[t], wall[f"halting@{t:g}"], cpu[f"halting@{t:g}"]
+            print(f"  halting @ {t:<5g} wall {w * per_image:7.3f}  cpu {c * per_image:7.3f}  "
+                  f"accuracy {p.accuracy:.4f}  nominal {p.compute_fraction:.3f} x column "
+                  f"{args.columns}; measured vs column {args.columns}: wall "
+                  f"{w / wall['deepest']:.3f} cpu {c / cpu['deepest']:.3f}; vs full: wall "
+                  f"{w / wall['full']:.3f} cpu {c / cpu['full']:.3f}", flush=True)
     print(f"\nbenchmark time: {time.perf_counter() - started:.0f} s")
 
 
