@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -142,6 +144,38 @@ class StudyDir:
 
     def optuna_trials(self, study_name: str):
         return self.optuna_study(study_name).get_trials()
+
+
+def finished_points(trials) -> collections.Counter:
+    return collections.Counter(t.params["variant"] for t in trials if t.state.is_finished()
+                               and t.user_attrs.get("reason") != "worker lost")
+
+
+def kill_mid_trial_then_resume(study: StudyDir, config, *argv: str) -> None:
+    study_name = yaml.safe_load(config.read_text())["study_name"]
+    proc = study.popen("--config", str(config), *argv)
+    run_id = study.wait_for_running_trial(proc, epochs=1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert study.client().get_run(run_id).info.status == "RUNNING"  # nobody closed it yet
+
+    resumed = study.run("--config", str(config), *argv)
+    assert resumed.returncode == 0, resumed.stderr
+
+    lost_run = study.client().get_run(run_id)
+    assert lost_run.info.status == "KILLED"
+    assert lost_run.data.tags["fractal.state"] == "FAIL"
+    assert lost_run.data.tags["fractal.reason"] == "worker lost"
+    trials = study.optuna_trials(study_name)
+    # by the run's trial-number tag: the kill may land before the trial recorded its run ID
+    lost = [t for t in trials if t.number == int(lost_run.data.tags["optuna.trial_number"])]
+    assert len(lost) == 1 and lost[0].state.name == "FAIL"
+    assert lost[0].user_attrs["reason"] == "worker lost"
+    points = finished_points(trials)
+    assert set(points.values()) == {1} and len(points) == 2  # every point once, the lost one too
+    assert lost[0].params["variant"] in points
+    assert not study.running_trial_runs()
 
 
 @pytest.fixture
