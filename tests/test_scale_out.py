@@ -81,3 +81,40 @@ def test_kill_9_with_postgres_and_a_tracking_server(tmp_path, postgres, mlflow_s
                      storage=postgres.optuna_url)
     config = write_config(tmp_path / "tiny.yaml", study_name="kill-9-postgres", **LONG_TRIAL)
     kill_mid_trial_then_resume(study, config, *study.args())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["PGPASSWORD", ".pgpass"])
+def test_the_password_reaches_every_worker_through_libpq_never_a_command_line(
+        tmp_path, postgres, how):
+    """`--storage` without a password, `--workers 2`: the workers connect with the password
+    from PGPASSWORD or ~/.pgpass, and it appears in no output and no MLflow record."""
+    import mlflow
+
+    name = f"libpq-{how.strip('.').lower()}"
+    storage = f"postgresql+psycopg://{postgres.user}@{postgres.host}:{postgres.port}/optuna"
+    home = tmp_path / "home"
+    home.mkdir()
+    study = StudyDir(tmp_path, storage=storage)
+    env = {**study.env(), "HOME": str(home)}
+    env.pop("PGPASSWORD", None)
+    if how == "PGPASSWORD":
+        env["PGPASSWORD"] = PG_PASSWORD
+    else:
+        pgpass = home / ".pgpass"
+        pgpass.write_text(f"{postgres.host}:{postgres.port}:optuna:{postgres.user}:{PG_PASSWORD}\n")
+        pgpass.chmod(0o600)
+    config = write_config(tmp_path / "grid.yaml", study_name=name, space=TINY_SPACE,
+                          training={"epochs": 1})
+    proc = subprocess.run([sys.executable, "-m", "fractal_mlops.study", "--config", str(config),
+                           *study.args("--workers", "2", "--n-trials", "2")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "[worker 1]" in proc.stdout and "[worker 2]" in proc.stdout
+    assert PG_PASSWORD not in proc.stdout + proc.stderr
+    client = mlflow.MlflowClient(study.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert len([r for r in runs if r.data.tags["fractal.role"] == "trial"]) == 2
+    for run in runs:
+        assert not any(PG_PASSWORD in v for v in [*run.data.params.values(),
+                                                   *run.data.tags.values()])

@@ -291,6 +291,8 @@ BAD_INPUTS = {
     "unknown op": (["--config", "{bad_config}"], "unknown op"),
     "tracking scheme": (["--tracking-uri", "foo://nowhere"], "scheme"),
     "unreachable tracking server": (["--tracking-uri", "http://127.0.0.1:9"], "reach"),
+    "unreachable tracking server with credentials": (
+        ["--tracking-uri", "http://fractal:hunter2@127.0.0.1:9"], "reach"),
     "file tracking store": (["--tracking-uri", "file:///tmp/x"], "file store"),
     "storage scheme": (["--storage", "redis-ish://x"], "storage"),
     "unreachable postgres": (["--storage", "postgresql://fractal:hunter2@127.0.0.1:9/optuna"],
@@ -305,8 +307,16 @@ BAD_INPUTS = {
 }
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, case):
+    if case.startswith("cuda without cuda") and _has_cuda():
+        pytest.skip("this host has a CUDA device: --device cuda is good input here")
     argv, expected = BAD_INPUTS[case]
     bad = write_config(tmp_path / "bad.yaml", space={"unit": ["conv-foo"]})
     argv = [a.replace("{bad_config}", str(bad)) for a in argv]
@@ -318,3 +328,43 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, case):
     assert expected.lower() in lines[0].lower()
     assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
     assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_config_on_resume_is_refused_before_a_new_tracking_store_is_made(
+        study_dir: StudyDir):
+    config = write_config(study_dir.root / "tiny.yaml", training={"epochs": 1})
+    first = study_dir.run("--config", str(config), *study_dir.args("--n-trials", "1"))
+    assert first.returncode == 0, first.stderr
+    changed = write_config(study_dir.root / "changed.yaml", training={"epochs": 2})
+    elsewhere = study_dir.root / "elsewhere" / "mlflow.db"
+    (study_dir.root / "elsewhere").mkdir()
+    proc = study_dir.run("--config", str(changed), "--tracking-uri", f"sqlite:///{elsewhere}",
+                         "--storage", study_dir.storage)
+    assert proc.returncode == 2, proc.stderr
+    assert "different config" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not elsewhere.exists()  # nothing written: not even an empty store
+    assert len(study_dir.optuna_trials("tiny")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["median", "successive_halving"])
+def test_optuna_pruners_stop_trials_behind_the_others(study_dir: StudyDir, pruner: str):
+    # three good variants first, then three much narrower ones that learn slower
+    config = write_config(study_dir.root / "tiny.yaml",
+                          space={"blocks": [1], "columns": [2], "width": [16, 1],
+                                 "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
+                          training={"epochs": 4}, pruning={"pruner": pruner, "warmup_epochs": 1,
+                                                           "chance_margin": 0.0})
+    proc = study_dir.run("--config", str(config), *study_dir.args())
+    assert proc.returncode == 0, proc.stderr
+    runs = study_dir.runs("tiny")
+    assert len(runs) == 6
+    pruned = [r for r in runs if r.data.tags["fractal.state"] == "PRUNED"]
+    assert pruned, [(r.data.params["variant"], r.data.metrics.get("val_acc")) for r in runs]
+    for run in pruned:
+        assert run.data.tags["fractal.reason"].startswith(f"{pruner} pruner:")
+        assert len(study_dir.client().get_metric_history(run.info.run_id, "val_acc")) < 4
+    trials = {t.number: t for t in study_dir.optuna_trials("tiny")}
+    assert {trials[int(r.data.tags["optuna.trial_number"])].state.name for r in pruned} == \
+        {"PRUNED"}
