@@ -202,7 +202,8 @@ def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyD
         while time.time() - trial.datetime_start.timestamp() < 3 * 2:  # well past the grace
             assert far.poll() is None, far.communicate()[1]
             time.sleep(0.2)
-        monkeypatch.setenv("FRACTAL_HEARTBEAT_GRACE", "2")  # this host judges with the same grace
+        monkeypatch.setenv("FRACTAL_HEARTBEAT_SECONDS", "0.5")  # this host: the same settings
+        monkeypatch.setenv("FRACTAL_HEARTBEAT_GRACE", "2")
         lost = recover_lost_trials(study_dir.optuna_study("far"),
                                    Tracker(study_dir.tracking_uri, "far"))
         assert lost == []
