@@ -98,7 +98,10 @@ def accuracy_vs_params(data: StudyData) -> Figure | None:
         for t in front:
             ax.annotate(t.variant, (t.metrics["param_count"], t.metrics["final_val_acc"]),
                         textcoords="offset points", xytext=(4, -10), fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^4, 3x10^4, ... overlap
     ax.set(xlabel="parameters (log scale)", ylabel="final val acc",
            title=f"{data.experiment}: accuracy against size")
     ax.grid(alpha=0.3)
