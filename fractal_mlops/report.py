@@ -153,7 +153,7 @@ def build_report(tracking_uri: str, experiment: str, out: Path, top: int) -> Wri
     """Collect, render, write to `out` and log on the study run. Nothing is written before
     the store has answered with at least one trial."""
     from .report_data import collect
-    from .report_figures import figures
+    from .report_figures import FIGURES, figures
     from .report_html import render_html
 
     client = open_store(tracking_uri)
@@ -166,9 +166,8 @@ def build_report(tracking_uri: str, experiment: str, out: Path, top: int) -> Wri
     with tempfile.TemporaryDirectory(prefix="fractal-report-") as staging:
         for name, content in files.items():
             (Path(staging) / name).write_bytes(content)
-        for stale in out.glob("*.png"):  # a figure this report no longer has
-            if stale.name not in files:
-                stale.unlink()
+        for stale in {f"{name}.png" for name, _, _ in FIGURES} - set(files):
+            (out / stale).unlink(missing_ok=True)  # a figure this report no longer has
         for name in files:
             shutil.copyfile(Path(staging) / name, out / name)
         if data.parent_run_id:

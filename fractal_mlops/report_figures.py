@@ -21,23 +21,8 @@ DPI = 100
 
 
 def figures(data: StudyData) -> list[tuple[str, str, bytes]]:
-    makers: list[tuple[str, str, Callable[[StudyData], Figure | None]]] = [
-        ("accuracy_vs_params", "Final val acc against parameter count; the Pareto front "
-         "(no other trial is both smaller and more accurate) is joined and labelled.",
-         accuracy_vs_params),
-        ("blocks_columns_heatmap", "Blocks x columns: the best and the mean final val acc of "
-         "the COMPLETE trials in each cell (n = trials).", blocks_columns_heatmap),
-        ("dimension_effects", "Final val acc per value of each dimension that varies "
-         "(boxes: COMPLETE trials; diamonds: means).", dimension_effects),
-        ("top_curves", "Per-epoch val acc of the top trials.", top_curves),
-        ("anytime_columns", "Anytime: val acc of each column alone for the top trials "
-         "(star: the whole network).", anytime_columns),
-        ("halting_curves", "Confidence-halted anytime inference of the top trials: accuracy "
-         "against the share of compute spent (anytime.csv).", halting_curves),
-        ("state_counts", "Trials per state.", state_counts),
-    ]
     out = []
-    for name, caption, make in makers:
+    for name, caption, make in FIGURES:
         figure = make(data)
         if figure is not None:
             out.append((name, caption, _png(figure)))
@@ -250,3 +235,21 @@ def state_counts(data: StudyData) -> Figure:
     ax.set(xlabel="trial runs", title=f"{len(data.trials)} trial runs of a {data.grid_size}-point grid")
     ax.margins(x=0.15)
     return fig
+
+
+# (file name without .png, caption in report.html, maker), in the page's order
+FIGURES: list[tuple[str, str, Callable[[StudyData], Figure | None]]] = [
+    ("accuracy_vs_params", "Final val acc against parameter count; the Pareto front "
+     "(no other trial is both smaller and more accurate) is joined and labelled.",
+     accuracy_vs_params),
+    ("blocks_columns_heatmap", "Blocks x columns: the best and the mean final val acc of "
+     "the COMPLETE trials in each cell (n = trials).", blocks_columns_heatmap),
+    ("dimension_effects", "Final val acc per value of each dimension that varies "
+     "(boxes: COMPLETE trials; diamonds: means).", dimension_effects),
+    ("top_curves", "Per-epoch val acc of the top trials.", top_curves),
+    ("anytime_columns", "Anytime: val acc of each column alone for the top trials "
+     "(star: the whole network).", anytime_columns),
+    ("halting_curves", "Confidence-halted anytime inference of the top trials: accuracy "
+     "against the share of compute spent (anytime.csv).", halting_curves),
+    ("state_counts", "Trials per state.", state_counts),
+]

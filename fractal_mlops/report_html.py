@@ -74,11 +74,19 @@ def _headline(data: StudyData) -> str:
         where = f" of experiment {escape(champ.experiment)}" if champ.experiment else ""
         items.append(f"Registry champion: <code>FractalNet@champion</code> = version "
                      f"{escape(champ.version)}: <b>{escape(champ.variant)}</b>, val acc "
-                     f"{escape(champ.val_acc)}, run <code>{escape(champ.run_id)}</code>{where}.")
+                     f"{escape(_number(champ.val_acc))}, run <code>{escape(champ.run_id)}</code>"
+                     f"{where}.")
     else:
         items.append("Registry champion: none yet (promote the best trial with "
                      f"<code>fractal-mlops promote --experiment {escape(data.experiment)}</code>).")
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _number(text: str) -> str:
+    try:
+        return f"{float(text):.4f}"
+    except ValueError:
+        return text
 
 
 def _params(trial: TrialRecord) -> str:

@@ -66,8 +66,13 @@ def studied(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reported(studied):
-    """`fractal-mlops report --out DIR --top 2` on that store."""
+    """`fractal-mlops report --out DIR --top 2` on that store, after a promotion."""
     study, _, trials, parent = studied
+    promoted = subprocess.run([sys.executable, "-m", "fractal_mlops.promote", "--experiment",
+                               EXPERIMENT, "--tracking-uri", study.tracking_uri],
+                              cwd=study.root, env=study.env(), capture_output=True, text=True,
+                              timeout=600)
+    assert promoted.returncode == 0, promoted.stderr
     out = study.root / "out"
     done = report(study, "--experiment", EXPERIMENT, "--tracking-uri", study.tracking_uri,
                   "--out", str(out), "--top", "2", via_cli=True)
@@ -131,7 +136,7 @@ def test_leaderboard_csv_has_one_row_per_trial_with_its_state(reported):
 
 
 @pytest.mark.slow
-def test_report_html_embeds_every_figure_and_names_the_best_variant(reported):
+def test_report_html_embeds_every_figure_and_names_the_best_variant_and_champion(reported):
     _, out, _, trials, _ = reported
     html = (out / "report.html").read_text()
     pngs = sorted(out.glob("*.png"))
@@ -143,6 +148,8 @@ def test_report_html_embeds_every_figure_and_names_the_best_variant(reported):
     best = best_trial(trials)
     assert f"Best trial: <b>{best.data.params['variant']}</b>" in html
     assert best.info.run_id in html
+    assert (f"<code>FractalNet@champion</code> = version 1: <b>{best.data.params['variant']}</b>"
+            in html)
     assert "3 COMPLETE" in html and "1 PRUNED" in html and "diverged" in html
 
 
