@@ -1,7 +1,7 @@
 """The main job: an Optuna study walks the template grid, prunes diverging runs, tracks in MLflow.
 
     python -m fractal_mlops.study [--config PATH] [--tracking-uri URI] [--storage URL]
-        [--study-name NAME] [--workers N] [--device auto|cpu|cuda] [--n-trials N]
+        [--study-name NAME] [--workers N] [--device auto|cpu|cuda] [--n-trials N] [--no-report]
 
 Each worker loops: claim a pending grid point under the study-wide claim lock (marking trials
 of vanished workers FAIL "worker lost" first, so their points become pending again), train it
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="worker processes on this host (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--n-trials", type=int, help="train at most N grid points in this run")
+    parser.add_argument("--no-report", action="store_true", help="do not refresh the study "
+                        "report (fractal-mlops report) at the end")
     return parser
 
 
@@ -108,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = resolve_settings(args)
-        if settings.workers > 1:
-            return launch_workers(settings, make_console())
-        return run_worker(settings, make_console())
+        run = launch_workers if settings.workers > 1 else run_worker
+        code = run(settings, make_console())
+        if not args.no_report:
+            from .report import study_finished
+
+            study_finished(settings.tracking_uri, settings.study_name, code)
+        return code
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
