@@ -165,10 +165,15 @@ def run_worker(settings: StudySettings, console) -> int:
     context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants,
                            interrupts)
     started = 0
+    halving = config.search.mode == "halving"
+    if halving:
+        from .halving import describe_plan
+        from .rung import claim_and_run_rung
+        console.print(f"{prefix}{describe_plan(config, len(variants))}")
     with StudyProgress(console, len(variants), done, config.training.epochs, live=live,
                        prefix=prefix) as progress:
         while settings.n_trials is None or started < settings.n_trials:
-            if not claim_and_run(context, progress):
+            if not (claim_and_run_rung if halving else claim_and_run)(context, progress):
                 break
             started += 1
     rows = _summary(study, tracker, parent_run_id, len(variants))
@@ -250,6 +255,7 @@ def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
     params.update({f"space.{k}": ",".join(map(str, v)) for k, v in config.space.items()})
     params.update({f"training.{k}": v for k, v in config.to_dict()["training"].items()})
     params.update({f"pruning.{k}": v for k, v in config.to_dict()["pruning"].items()})
+    params.update({f"search.{k}": v for k, v in config.to_dict().get("search", {}).items()})
     return params
 
 
