@@ -111,6 +111,34 @@ def test_halving_with_two_workers(study_dir: StudyDir):
     assert len(study_dir.optuna_trials("tiny")) == 9
 
 
+@pytest.mark.slow
+def test_halving_with_workers_on_two_machines_sharing_postgres(
+        tmp_path, postgres, mlflow_server_on_postgres):
+    """Two "machines" (own working dir and environment): the rungs and their ranking live in
+    PostgreSQL, the checkpoints travel through the tracking server's artifact store."""
+    import subprocess
+    import sys
+
+    study = StudyDir(tmp_path, tracking_uri=mlflow_server_on_postgres.uri,
+                     storage=postgres.optuna_url)
+    config = halving_config(study, "halving-hosts")
+    workers = []
+    for index in range(2):
+        home = tmp_path / f"machine-{index}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FRACTAL_"))}
+        env.update(FRACTAL_STORAGE=postgres.optuna_url, MLFLOW_TRACKING_URI=study.tracking_uri,
+                   FRACTAL_MLOPS_CACHE=str(home / "cache"), FRACTAL_THREADS="1", HOME=str(home))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "fractal_mlops.study", "--config", str(config)],
+            cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [w.communicate(timeout=900) for w in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+    check_halved_study(study, "halving-hosts")
+    assert not any((tmp_path / f"machine-{i}" / "mlruns").exists() for i in range(2))
+
+
 def wait_for_trial(study: StudyDir, name: str, proc, condition, timeout: float = 300):
     """Poll the Optuna store until a trial satisfies `condition` (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
