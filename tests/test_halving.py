@@ -136,7 +136,6 @@ def test_halving_with_workers_on_two_machines_sharing_postgres(
     for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err
     check_halved_study(study, "halving-hosts")
-    assert not any((tmp_path / f"machine-{i}" / "mlruns").exists() for i in range(2))
 
 
 def wait_for_trial(study: StudyDir, name: str, proc, condition, timeout: float = 300):
