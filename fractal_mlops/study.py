@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         error_line(redact(str(exc)))
         return 1
     except KeyboardInterrupt:
-        error_line("interrupted: the running trial is marked FAIL (interrupted); "
-                   "run the same command again to resume")
+        error_line("interrupted: the running trial is marked FAIL (interrupted), or in halving "
+                   "mode waits to resume its rung; run the same command again to resume")
         return EXIT_INTERRUPTED
 
 
