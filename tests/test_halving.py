@@ -176,6 +176,28 @@ def test_kill_9_in_the_middle_of_a_rung_then_resume(study_dir: StudyDir):
     assert not study_dir.running_trial_runs()
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_rung_leaves_the_point_waiting_and_resume_finishes(study_dir: StudyDir):
+    config = halving_config(study_dir)
+    args = ["--config", str(config), *study_dir.args()]
+    proc = study_dir.popen(*args)
+    training = wait_for_trial(study_dir, "tiny", proc, lambda t: t.state.name == "RUNNING"
+                              and "mlflow_run_id" in t.user_attrs)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    stopped = next(t for t in study_dir.optuna_trials("tiny") if t.number == training.number)
+    assert stopped.state.name == "WAITING"  # not FAIL: the point resumes its rung
+    run = study_dir.client().get_run(stopped.user_attrs["mlflow_run_id"])
+    assert run.info.status == "SCHEDULED"
+    assert not study_dir.running_trial_runs()
+
+    resumed = study_dir.run(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    trials = check_halved_study(study_dir, "tiny")
+    assert trials[stopped.params["variant"]].number == stopped.number
+
+
 @pytest.mark.parametrize(("search", "message"), [
     ({"mode": "random"}, "search.mode 'random' is unknown (expected one of grid, halving)"),
     ({"mode": "halving", "min_epochs": 0}, "search.min_epochs must be between 1 and"),
