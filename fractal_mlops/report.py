@@ -127,7 +127,7 @@ def _cell(value: float | None) -> str:
 
 @dataclass
 class Written:
-    out: Path
+    out: Path | None  # None: logged on the study run only
     files: list[str]
     data: StudyData
     logged: bool
@@ -149,9 +149,9 @@ class Written:
         return "\n".join(lines)
 
 
-def build_report(tracking_uri: str, experiment: str, out: Path, top: int) -> Written:
-    """Collect, render, write to `out` and log on the study run. Nothing is written before
-    the store has answered with at least one trial."""
+def build_report(tracking_uri: str, experiment: str, out: Path | None, top: int) -> Written:
+    """Collect, render, write to `out` (None: no local copy) and log on the study run.
+    Nothing is written before the store has answered with at least one trial."""
     from .report_data import collect
     from .report_figures import FIGURES, figures
     from .report_html import render_html
@@ -162,14 +162,17 @@ def build_report(tracking_uri: str, experiment: str, out: Path, top: int) -> Wri
     files = {"leaderboard.csv": leaderboard_csv(data).encode(),
              **{f"{name}.png": png for name, _, png in pngs},
              "report.html": render_html(data, pngs).encode()}
-    out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fractal-report-") as staging:
         for name, content in files.items():
             (Path(staging) / name).write_bytes(content)
         for stale in {f"{name}.png" for name, _, _ in FIGURES} - set(files):
-            (out / stale).unlink(missing_ok=True)  # a figure this report no longer has
+            if out is not None:
+                (out / stale).unlink(missing_ok=True)  # a figure this report no longer has
         for name in files:
-            shutil.copyfile(Path(staging) / name, out / name)
+            if out is not None:
+                shutil.copyfile(Path(staging) / name, out / name)
         if data.parent_run_id:
             client.log_artifacts(data.parent_run_id, staging, "report")
     return Written(out, sorted(files), data, data.parent_run_id is not None)
@@ -180,14 +183,22 @@ def study_finished(tracking_uri: str, experiment: str, exit_code: int) -> None:
     a worker started by `--workers N` leaves it to its launcher."""
     if exit_code == EXIT_BAD_INPUT or os.environ.get("FRACTAL_WORKER_INDEX"):
         return
+    # A worker recording into a tracking server keeps nothing on its own disk: the report is
+    # on the study run. With a local store, a copy goes beside it.
+    local = not tracking_uri.startswith(("http://", "https://", "databricks"))
     try:
-        written = build_report(tracking_uri, experiment, default_out_dir(experiment), DEFAULT_TOP)
+        written = build_report(tracking_uri, experiment,
+                               default_out_dir(experiment) if local else None, DEFAULT_TOP)
     except Exception as exc:  # noqa: BLE001 - the report is a view; the study's work is done
         text = " ".join(str(exc).split())[:300]
         print(f"warning: the study report was not built: {redact(text)}", file=sys.stderr)
         return
-    where = " and on the study run (Artifacts: report/report.html)" if written.logged else ""
-    print(f"report: {(written.out / 'report.html').absolute()}{where}")
+    logged = "the study run (Artifacts: report/report.html)" if written.logged else ""
+    if written.out is None:
+        print(f"report: on {logged}")
+    else:
+        where = f" and on {logged}" if logged else ""
+        print(f"report: {(written.out / 'report.html').absolute()}{where}")
 
 
 if __name__ == "__main__":
