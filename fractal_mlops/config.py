@@ -1,6 +1,6 @@
 """Typed, validated experiment configuration: the one place for defaults and config errors.
 
-An experiment YAML has six sections (all optional except what differs from the defaults):
+An experiment YAML has seven sections (all optional except what differs from the defaults):
 
     study_name: fractalnet-quickstart
     data:     {name: digits | cifar10 | synthetic, root: ..., val_fraction: 0.2, ...}
@@ -9,6 +9,7 @@ An experiment YAML has six sections (all optional except what differs from the d
     training: {epochs, batch_size, lr, momentum, weight_decay, optimizer, seed, amp,
                grad_checkpointing, channels_last}
     pruning:  {warmup_epochs, chance_margin, pruner: none | median | successive_halving}
+    search:   {mode: grid | halving, min_epochs: 1, reduction_factor: 3}
     evaluation: {halting_threshold: 0.9}   (anytime inference halted by confidence)
     run:      {tracking_uri, storage, device: auto | cpu | cuda, workers, n_trials}
 
@@ -54,6 +55,7 @@ WEIGHT_SHARING = ("none", "recursive")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 OPTIMIZERS = ("sgd", "adamw")
 PRUNERS = ("none", "median", "successive_halving")
+SEARCH_MODES = ("grid", "halving")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_COLUMNS = 8
 
@@ -119,6 +121,13 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    mode: str = "grid"  # grid: every point to training.epochs; halving: see halving.py
+    min_epochs: int = 1  # halving: epochs of the first rung
+    reduction_factor: int = 3  # halving: each rung keeps the best 1/reduction_factor
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     # anytime inference: an image stops at the first column whose top softmax probability
     # reaches this (0: always column 1; 1: only a certain answer stops early)
@@ -141,6 +150,7 @@ class ExperimentConfig:
     space: dict[str, list[Any]] = field(default_factory=lambda: dict(SPACE_DEFAULTS))
     training: TrainConfig = field(default_factory=TrainConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # where it was read from
@@ -156,6 +166,8 @@ class ExperimentConfig:
             out["space"] = {k: v for k, v in out["space"].items() if k != "weight_sharing"}
         if self.evaluation == EvaluationConfig():
             out.pop("evaluation")
+        if self.search.mode == "grid":  # grid studies keep the hash they had before `search`
+            out.pop("search")
         return out
 
     def to_yaml(self) -> str:
@@ -201,7 +213,8 @@ def load_config(path: str | None = None) -> ExperimentConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    known = {"study_name", "data", "space", "training", "pruning", "evaluation", "run"}
+    known = {"study_name", "data", "space", "training", "pruning", "search", "evaluation",
+             "run"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (expected one of {sorted(known)})")
@@ -215,9 +228,12 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     _check_training(training)
     _check_pruning(pruning)
     _check_evaluation(evaluation)
+    search = _section(SearchConfig, raw.get("search"), "search")
+    _check_search(search, training)
     run = check_run(_section(RunConfig, raw.get("run"), "run"))
     space = _check_space(raw.get("space"), data)
-    return ExperimentConfig(study_name, data, space, training, pruning, evaluation, run, source)
+    return ExperimentConfig(study_name, data, space, training, pruning, search, evaluation,
+                            run, source)
 
 
 def check_study_name(name: Any) -> str:
@@ -302,6 +318,15 @@ def _check_evaluation(e: EvaluationConfig) -> None:
     if not 0.0 <= e.halting_threshold <= 1.0:  # also refuses nan
         raise ConfigError("evaluation.halting_threshold must be a probability in [0, 1], "
                           f"got {e.halting_threshold}")
+
+
+def _check_search(s: SearchConfig, training: TrainConfig) -> None:
+    _one_of(s.mode, SEARCH_MODES, "search.mode")
+    if not 1 <= s.min_epochs <= training.epochs:
+        raise ConfigError(f"search.min_epochs must be between 1 and training.epochs "
+                          f"({training.epochs}), got {s.min_epochs}")
+    if s.reduction_factor < 2:
+        raise ConfigError(f"search.reduction_factor must be at least 2, got {s.reduction_factor}")
 
 
 def check_run(r: RunConfig) -> RunConfig:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .data import Dataset
     from .space import Variant
     from .tracking import Tracker
-    from .train import EpochResult
+    from .train import EpochResult, Trainer
 
 # The anytime curve of a COMPLETE trial: threshold, accuracy, compute_fraction, halted_column_<k>
 ANYTIME_ARTIFACT = "anytime.csv"
@@ -120,6 +120,13 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
         if reason or hook_reason:
             raise TrialStopped(reason or hook_reason)
+    finish_training(tracker, run_id, trainer, data, config, outcome)
+
+
+def finish_training(tracker: Tracker, run_id: str, trainer: Trainer, data: Dataset,
+                    config: ExperimentConfig, outcome: TrialOutcome) -> None:
+    """A trial trained to its last epoch: final metrics (each column alone, halting at
+    `evaluation.halting_threshold`) into `outcome.final`, anytime.csv and the model logged."""
     final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
              "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
     threshold = config.evaluation.halting_threshold
