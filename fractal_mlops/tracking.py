@@ -307,7 +307,7 @@ class Tracker:
         )
         # MLflow warns about pickle on every call; loading runs this project's own code only
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        record = self._trials.get(run_id)
+        record = self._record(run_id)
         # Named after the variant, with the trial's params, so the Models tab tells them apart
         info = mlflow.pytorch.log_model(
             model.eval().cpu(), name=model_name(record.variant) if record else "model",
@@ -330,7 +330,8 @@ class Tracker:
         now = int(time.time() * 1000)
         reason = redact(reason)[:5000] if reason else None
         final_metrics = {k: float(v) for k, v in (final_metrics or {}).items()}
-        record = self._trials.pop(run_id, None)
+        record = self._record(run_id)
+        self._trials.pop(run_id, None)
         name = record.name if record else self.client.get_run(run_id).info.run_name
         tags = [RunTag(STATE, state), RunTag("mlflow.runName", finished_run_name(name, state)),
                 RunTag(NOTE, trial_description(state, reason, final_metrics, RETRYABLE))]
@@ -354,6 +355,27 @@ class Tracker:
         return [(r.info.run_id, int(r.data.tags["optuna.trial_number"])) for r in runs]
 
     # -- helpers ----------------------------------------------------------------------------
+    def _record(self, run_id: str) -> _TrialRecord | None:
+        """The trial's record; rebuilt from the run when another process started it (a
+        halving rung resumed elsewhere, a run closed for a lost worker)."""
+        if run_id in self._trials:
+            return self._trials[run_id]
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - the caller falls back to plain records
+            return None
+        tags, inputs = run.data.tags, run.inputs.dataset_inputs if run.inputs else []
+        if VARIANT not in tags or not inputs:
+            return None
+        models = run.outputs.model_outputs if run.outputs else []
+        record = _TrialRecord(
+            tags[VARIANT], run.info.run_name or tags[VARIANT],
+            tags.get("mlflow.parentRunId") if tags.get(ROLE) == "trial" else None,
+            inputs[0].dataset.name, inputs[0].dataset.digest, dict(run.data.params),
+            models[-1].model_id if models else None)
+        self._trials[run_id] = record
+        return record
+
     def _source_tags(self) -> dict[str, str]:
         tags = {"mlflow.source.name": "fractal_mlops.study", "mlflow.source.type": "LOCAL"}
         if self.commit:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, StudyDir, write_config
-from servers import mlflow_server
+from servers import missing_tool, mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,6 @@ STUDY = "ui-browser"
 # it. Set True once `fractal_mlops.report` is part of the study, so that a missing report fails.
 REQUIRE_REPORT = False
 WAIT_MS = 30_000
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: CI must run the browser test (see .ci/run)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +60,9 @@ def page():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("Playwright is not installed (pip install -e '.[dev]')")
+        missing_tool("Playwright is not installed (pip install -e '.[dev]')")
     if not Path(CHROMIUM).exists():
-        _unavailable(f"no browser at {CHROMIUM} (apt-get install chromium)")
+        missing_tool(f"no browser at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
