@@ -84,6 +84,7 @@ class StudySettings:
     device: str
     workers: int
     n_trials: int | None
+    report: bool = True  # refresh the study report at the end (--no-report: don't)
 
 
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
@@ -110,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve_settings(args)
         run = launch_workers if settings.workers > 1 else run_worker
-        code = run(settings, make_console())
-        if not args.no_report:
-            from .report import study_finished
-
-            study_finished(settings.tracking_uri, settings.study_name, code)
-        return code
+        return run(replace(settings, report=not args.no_report), make_console())
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
@@ -176,7 +172,8 @@ def run_worker(settings: StudySettings, console) -> int:
                 break
             started += 1
     rows = _summary(study, tracker, parent_run_id, len(variants))
-    if not prefix:  # a worker among several leaves the leaderboard to its launcher
+    if not prefix:  # a worker among several leaves the report and leaderboard to its launcher
+        refresh_report(settings)
         show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at,
                          tracker.experiment_id)
     return 0
@@ -540,6 +537,14 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
     return rows
 
 
+def refresh_report(settings: StudySettings) -> None:
+    """Before the closing lines, which end with the MLflow UI command and URL."""
+    if settings.report:
+        from .report import study_finished
+
+        study_finished(settings.tracking_uri, settings.study_name)
+
+
 def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
                      wall_seconds: float, experiment_id: str) -> None:
     from .console import leaderboard
@@ -588,6 +593,7 @@ def launch_workers(settings: StudySettings, console) -> int:
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0)
+    refresh_report(settings)
     show_leaderboard(console, settings, rows, study.user_attrs.get("grid_size", len(rows)),
                      time.monotonic() - started_at, tracker.experiment_id)
     failed = [c for c in codes if c != 0]

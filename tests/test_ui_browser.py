@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 STUDY = "ui-browser"
 # The study report (report/report.html on the study run) is checked whenever the study run has
 # it. Set True once `fractal_mlops.report` is part of the study, so that a missing report fails.
-REQUIRE_REPORT = False
+REQUIRE_REPORT = True
 WAIT_MS = 30_000
 
 
