@@ -114,7 +114,7 @@ def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_si
     for row in pruned:
         console.print(f"  pruned: trial {row.number} {escape(row.variant)}: "
                       f"{escape(row.reason or '')}")
-    console.print(f"Compare the trials in the MLflow UI:\n  {ui_command}")
+    console.print(f"Compare the trials in the MLflow UI (start it, then open the URL):\n  {ui_command}")
 
 
 def worker_prefix() -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import re
 import shutil
 import sys
@@ -178,11 +177,8 @@ def build_report(tracking_uri: str, experiment: str, out: Path | None, top: int)
     return Written(out, sorted(files), data, data.parent_run_id is not None)
 
 
-def study_finished(tracking_uri: str, experiment: str, exit_code: int) -> None:
-    """The study's end: refresh its report. Never fails the study (a warning line instead);
-    a worker started by `--workers N` leaves it to its launcher."""
-    if exit_code == EXIT_BAD_INPUT or os.environ.get("FRACTAL_WORKER_INDEX"):
-        return
+def study_finished(tracking_uri: str, experiment: str) -> None:
+    """The study's end: refresh its report. Never fails the study (a warning line instead)."""
     # A worker recording into a tracking server keeps nothing on its own disk: the report is
     # on the study run. With a local store, a copy goes beside it.
     local = not tracking_uri.startswith(("http://", "https://", "databricks"))

@@ -21,7 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cli import OneLineParser
@@ -85,6 +84,7 @@ class StudySettings:
     device: str
     workers: int
     n_trials: int | None
+    report: bool = True  # refresh the study report at the end (--no-report: don't)
 
 
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
@@ -111,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve_settings(args)
         run = launch_workers if settings.workers > 1 else run_worker
-        code = run(settings, make_console())
-        if not args.no_report:
-            from .report import study_finished
-
-            study_finished(settings.tracking_uri, settings.study_name, code)
-        return code
+        return run(replace(settings, report=not args.no_report), make_console())
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
@@ -177,8 +172,10 @@ def run_worker(settings: StudySettings, console) -> int:
                 break
             started += 1
     rows = _summary(study, tracker, parent_run_id, len(variants))
-    if not prefix:  # a worker among several leaves the leaderboard to its launcher
-        show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at)
+    if not prefix:  # a worker among several leaves the report and leaderboard to its launcher
+        refresh_report(settings)
+        show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at,
+                         tracker.experiment_id)
     return 0
 
 
@@ -533,31 +530,28 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
                              if t.state.name == "COMPLETE" else None,
                              t.user_attrs.get("param_count"), seconds, t.user_attrs.get("reason")))
     if tracker is not None and parent_run_id:
-        complete = [r.value for r in rows if r.state == "COMPLETE" and r.value is not None]
-        summary = {f"n_{s.lower()}": sum(r.state == s for r in rows)
-                   for s in ("COMPLETE", "PRUNED", "FAIL")}
-        summary.update(grid_size=grid_size, grid_done=_points_done(study))
-        if complete:
-            summary["best_val_acc"] = max(complete)
-        tracker.update_study_summary(parent_run_id, summary)
+        counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
+                  for s in ("COMPLETE", "PRUNED", "FAIL")}
+        tracker.update_study_summary(parent_run_id, study.study_name, counts, grid_size,
+                                     _points_done(study))
     return rows
 
 
-def ui_command(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {redact(tracking_uri)} in a browser"
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.split(":///", 1)[1]).expanduser().absolute()
-        tracking_uri = f"sqlite:///{path}"
-    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
+def refresh_report(settings: StudySettings) -> None:
+    """Before the closing lines, which end with the MLflow UI command and URL."""
+    if settings.report:
+        from .report import study_finished
+
+        study_finished(settings.tracking_uri, settings.study_name)
 
 
 def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
-                     wall_seconds: float) -> None:
+                     wall_seconds: float, experiment_id: str) -> None:
     from .console import leaderboard
+    from .ui import ui_lines
 
     leaderboard(console, settings.study_name, rows, grid_size, wall_seconds,
-                ui_command(settings.tracking_uri))
+                "\n  ".join(ui_lines(settings.tracking_uri, experiment_id)))
 
 
 # -- several workers on this host -------------------------------------------------------------
@@ -571,7 +565,7 @@ def launch_workers(settings: StudySettings, console) -> int:
     started_at = time.monotonic()
     resolve_device(settings.device)  # bad input fails here, before any store is touched
     load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
-    study, _, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
+    study, tracker, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
     workers = settings.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "FRACTAL_STORAGE": _storage_url(settings.storage),
@@ -599,8 +593,9 @@ def launch_workers(settings: StudySettings, console) -> int:
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0)
+    refresh_report(settings)
     show_leaderboard(console, settings, rows, study.user_attrs.get("grid_size", len(rows)),
-                     time.monotonic() - started_at)
+                     time.monotonic() - started_at, tracker.experiment_id)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0
 

@@ -16,11 +16,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .ui import (
+    CUSTOM_MODEL_DEVELOPMENT,
+    EXPERIMENT_KIND,
+    NOTE,
+    finished_run_name,
+    model_name,
+    trial_description,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -185,6 +194,8 @@ class Tracker:
             self.experiment_id = self._experiment(experiment_name)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit()
+        self._trials: dict[str, _TrialRecord] = {}  # runs this process started
+        self._worked_for: set[str] = set()  # study runs this process finished a trial of
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -193,11 +204,15 @@ class Tracker:
         if existing is not None:
             if existing.lifecycle_stage == "deleted":
                 self.client.restore_experiment(existing.experiment_id)
+            if EXPERIMENT_KIND not in existing.tags:
+                self.client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND,
+                                               CUSTOM_MODEL_DEVELOPMENT)
             return existing.experiment_id
         root = artifact_root_for(self.uri)
         location = f"{root}/{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}" if root else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND: CUSTOM_MODEL_DEVELOPMENT})
         except MlflowException:  # another worker created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -205,7 +220,8 @@ class Tracker:
     def study_run(self, study_name: str, existing_id: str | None, params: dict[str, Any],
                   config_yaml: str, config_sha: str) -> str:
         """The parent run of the study, created once. It is never left RUNNING: its children
-        carry the state; the parent holds the study's config and its summary metrics."""
+        carry the state; the parent holds the study's config and its summary. Its start time
+        stays; its end time moves forward as the study works (`touch_study_run`)."""
         if existing_id:
             try:
                 if self.client.get_run(existing_id).info.lifecycle_stage == "active":
@@ -213,7 +229,8 @@ class Tracker:
             except Exception:  # noqa: BLE001 - deleted or from another store: make a new one
                 pass
         tags = {ROLE: "study", "optuna.study_name": study_name, CONFIG_SHA: config_sha,
-                "mlflow.runName": study_name, **self._source_tags()}
+                "mlflow.runName": study_name, NOTE: f"Study `{study_name}`: no trial finished yet.",
+                **self._source_tags()}
         run = self.client.create_run(self.experiment_id, run_name=study_name, tags=tags)
         run_id = run.info.run_id
         self._log_params(run_id, params)
@@ -221,12 +238,19 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def update_study_summary(self, run_id: str, summary: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+    def update_study_summary(self, run_id: str, study_name: str, counts: dict[str, int],
+                             grid_size: int, grid_done: int) -> None:
+        """The study run's summary metrics, best-trial tags and description; its end time."""
+        from .ui import write_study_summary
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
-                                               for k, v in summary.items()])
+        write_study_summary(self.client, self.experiment_id, run_id, study_name, counts,
+                            grid_size, grid_done)
+        if run_id in self._worked_for:  # a run that trained nothing leaves the duration alone
+            self.touch_study_run(run_id)
+
+    def touch_study_run(self, run_id: str) -> None:
+        """Move the study run's end time to now: its duration spans the study's work so far."""
+        self.client.set_terminated(run_id, "FINISHED")
 
     # -- trial runs -------------------------------------------------------------------------
     def start_trial(self, parent_run_id: str, study_name: str, trial_number: int,
@@ -237,12 +261,15 @@ class Tracker:
         tags = {
             ROLE: "trial", "mlflow.parentRunId": parent_run_id, VARIANT: variant_name,
             "optuna.study_name": study_name, "optuna.trial_number": str(trial_number),
-            CONFIG_SHA: config_sha, "mlflow.runName": f"trial-{trial_number:04d}-{variant_name}",
+            CONFIG_SHA: config_sha, "mlflow.runName": variant_name,
             **self._source_tags(), **(extra_tags or {}),
         }
         run_name = tags["mlflow.runName"]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
+        self._trials[run_id] = _TrialRecord(
+            variant_name, run_name, parent_run_id if tags[ROLE] == "trial" else None,
+            dataset.name, dataset.digest, {k: redact(str(v))[:6000] for k, v in params.items()})
         try:
             self._log_params(run_id, params)
             self.client.log_text(run_id, config_yaml, "config.yaml")
@@ -280,10 +307,16 @@ class Tracker:
         )
         # MLflow warns about pickle on every call; loading runs this project's own code only
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        record = self._record(run_id)
+        # Named after the variant, with the trial's params, so the Models tab tells them apart
         info = mlflow.pytorch.log_model(
-            model.eval().cpu(), name="model", run_id=run_id, signature=signature,
-            serialization_format="pickle", pip_requirements=_pip_requirements(),
+            model.eval().cpu(), name=model_name(record.variant) if record else "model",
+            run_id=run_id, signature=signature, serialization_format="pickle",
+            pip_requirements=_pip_requirements(), params=record.params if record else None,
+            tags={VARIANT: record.variant} if record else None,
         )
+        if record:
+            record.model_id = info.model_id
         self.client.set_tag(run_id, MODEL_URI, info.model_uri)
         return info.model_uri
 
@@ -295,13 +328,27 @@ class Tracker:
                      status: str | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
+        from .storage import RETRYABLE
+
         now = int(time.time() * 1000)
-        tags = [RunTag(STATE, state)]
+        reason = redact(reason)[:5000] if reason else None
+        final_metrics = {k: float(v) for k, v in (final_metrics or {}).items()}
+        record = self._record(run_id)
+        self._trials.pop(run_id, None)
+        name = record.name if record else self.client.get_run(run_id).info.run_name
+        tags = [RunTag(STATE, state), RunTag("mlflow.runName", finished_run_name(name, state)),
+                RunTag(NOTE, trial_description(state, reason, final_metrics, RETRYABLE))]
         if reason:
-            tags.append(RunTag(REASON, redact(reason)[:5000]))
-        metrics = [Metric(k, float(v), now, 0) for k, v in (final_metrics or {}).items()]
+            tags.append(RunTag(REASON, reason))
+        # Linked to the logged model (and the dataset), the final metrics rank the Models tab
+        model = {"model_id": record.model_id, "dataset_name": record.dataset_name,
+                 "dataset_digest": record.dataset_digest} if record and record.model_id else {}
+        metrics = [Metric(k, v, now, 0, **model) for k, v in final_metrics.items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status or RUN_STATUS[state])
+        if record and record.parent_run_id:
+            self.touch_study_run(record.parent_run_id)
+            self._worked_for.add(record.parent_run_id)
 
     def running_trial_runs(self, study_name: str) -> list[tuple[str, int]]:
         """(run ID, Optuna trial number) of the study's trial runs that are RUNNING."""
@@ -311,6 +358,27 @@ class Tracker:
         return [(r.info.run_id, int(r.data.tags["optuna.trial_number"])) for r in runs]
 
     # -- helpers ----------------------------------------------------------------------------
+    def _record(self, run_id: str) -> _TrialRecord | None:
+        """The trial's record; rebuilt from the run when another process started it (a
+        halving rung resumed elsewhere, a run closed for a lost worker)."""
+        if run_id in self._trials:
+            return self._trials[run_id]
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - the caller falls back to plain records
+            return None
+        tags, inputs = run.data.tags, run.inputs.dataset_inputs if run.inputs else []
+        if VARIANT not in tags or not inputs:
+            return None
+        models = run.outputs.model_outputs if run.outputs else []
+        record = _TrialRecord(
+            tags[VARIANT], run.info.run_name or tags[VARIANT],
+            tags.get("mlflow.parentRunId") if tags.get(ROLE) == "trial" else None,
+            inputs[0].dataset.name, inputs[0].dataset.digest, dict(run.data.params),
+            models[-1].model_id if models else None)
+        self._trials[run_id] = record
+        return record
+
     def _source_tags(self) -> dict[str, str]:
         tags = {"mlflow.source.name": "fractal_mlops.study", "mlflow.source.type": "LOCAL"}
         if self.commit:
@@ -343,6 +411,19 @@ class Tracker:
                 if attempt == 4 or not _is_unique_violation(exc):
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+
+@dataclass
+class _TrialRecord:
+    """What the UI-facing records of a trial run need from its start until its end."""
+
+    variant: str
+    name: str
+    parent_run_id: str | None  # the study run, whose end time a finished trial moves
+    dataset_name: str
+    dataset_digest: str
+    params: dict[str, str]
+    model_id: str | None = None
 
 
 def mlflow_error_line(exc: BaseException) -> str | None:

@@ -76,10 +76,13 @@ def run_module(module: str, *args: str, cwd: Path | None = None, env: dict | Non
                           timeout=timeout)
 
 
-def run_study(config: dict, store: Store, journal: Path) -> subprocess.CompletedProcess:
+def run_study(config: dict, store: Store, journal: Path,
+              tracking_uri: str | None = None) -> subprocess.CompletedProcess:
+    """The study of `config` into `store` (or into `tracking_uri`, e.g. a tracking server)."""
     path = store.root / f"{config['study_name']}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    done = run_module("fractal_mlops.study", "--config", str(path), "--tracking-uri", store.uri,
+    done = run_module("fractal_mlops.study", "--config", str(path),
+                      "--tracking-uri", tracking_uri or store.uri,
                       "--storage", f"journal:{journal}", "--device", "cpu", cwd=store.root)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done

@@ -14,6 +14,7 @@ from helpers_registry import (
     expected_best,
     mlflow_client,
     run_module,
+    run_study,
     store,
     studied_store,
     trial_runs,
@@ -102,18 +103,24 @@ def test_a_later_worse_run_does_not_take_the_alias_until_forced_and_rollback_und
     assert len(versions(client)) == 2
 
 
+def all_aliases(client, name: str = "FractalNet") -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
 def _synthetic_trial(tracker, name: str, state: str, val_acc: float, params: int,
-                     role: str = "trial") -> str:
-    """A trial run as the study records it (tags, metrics, a loadable model), no training."""
+                     role: str = "trial", **metrics: float) -> str:
+    """A trial run as the study records it (tags, metrics, a loadable model), no training.
+    `metrics`: other final metrics (val_loss=..., train_seconds=...)."""
     import torch
 
     run = tracker.client.create_run(tracker.experiment_id, run_name=name, tags={
         "fractal.role": role, "fractal.state": state, "fractal.variant": name})
     run_id = run.info.run_id
     tracker.client.log_param(run_id, "variant", name)
+    tracker.client.log_param(run_id, "dataset", "digits")  # all of them: one dataset
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     tracker.log_model(run_id, model, (1, 8, 8), 10)
-    for key, value in (("final_val_acc", val_acc), ("param_count", params)):
+    for key, value in (("final_val_acc", val_acc), ("param_count", params), *metrics.items()):
         tracker.client.log_metric(run_id, key, value)
     tracker.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
     return run_id
@@ -146,6 +153,123 @@ def test_never_promotes_pruned_or_failed_trials_and_ties_go_to_fewer_parameters(
     assert nothing.returncode == 1
     assert "nothing to promote" in nothing.stderr
     assert len(versions(client)) == 1 and alias_version(client, "champion") == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["val_loss", "train_seconds"])
+def test_losses_and_seconds_are_minimized(tmp_path, metric):
+    from fractal_mlops.tracking import Tracker
+
+    store = Store(tmp_path)
+    first = Tracker(store.uri, "first")
+    # each metric, and the parameter count, ranks these three differently
+    ids = {
+        "accurate": _synthetic_trial(first, "accurate", "COMPLETE", 0.95, 1000,
+                                     val_loss=0.6, train_seconds=50.0),
+        "low-loss": _synthetic_trial(first, "low-loss", "COMPLETE", 0.90, 3000,
+                                     val_loss=0.1, train_seconds=20.0),
+        "fast": _synthetic_trial(first, "fast", "COMPLETE", 0.80, 2000,
+                                 val_loss=0.3, train_seconds=5.0),
+    }
+    lowest = {"val_loss": ("low-loss", 0.1), "train_seconds": ("fast", 5.0)}
+    name, value = lowest[metric]
+
+    done = promote(store, "--experiment", "first", "--metric", metric)
+
+    assert done.returncode == 0, done.stderr
+    client = mlflow_client(store.uri)
+    [version] = versions(client)
+    assert version.tags["source_run_id"] == ids[name], done.stdout
+    assert float(version.tags[metric]) == value
+    assert f"best by lowest {metric}" in done.stdout
+
+    # against the champion, too, lower is better: a higher value stays, a lower one moves
+    _synthetic_trial(Tracker(store.uri, "higher"), "higher", "COMPLETE", 0.99, 500,
+                     **{metric: value * 2})
+    _synthetic_trial(Tracker(store.uri, "lower"), "lower", "COMPLETE", 0.5, 5000,
+                     **{metric: value / 2})
+    higher = promote(store, "--experiment", "higher", "--metric", metric)
+    assert higher.returncode == 0 and alias_version(client, "champion") == "1", higher.stdout
+    assert "not better" in higher.stdout
+    lower = promote(store, "--experiment", "lower", "--metric", metric)
+    assert lower.returncode == 0 and alias_version(client, "champion") == "3", lower.stdout
+    assert alias_version(client, "previous") == "1"
+
+
+@pytest.mark.slow
+def test_an_exact_tie_moves_the_alias_only_to_fewer_parameters(tmp_path):
+    from fractal_mlops.tracking import Tracker
+
+    store = Store(tmp_path)
+    _synthetic_trial(Tracker(store.uri, "champion"), "champion", "COMPLETE", 0.9, 2000)
+    _synthetic_trial(Tracker(store.uri, "tie-more"), "more", "COMPLETE", 0.9, 3000)
+    _synthetic_trial(Tracker(store.uri, "tie-fewer"), "fewer", "COMPLETE", 0.9, 1000)
+    client = mlflow_client(store.uri)
+    assert promote(store, "--experiment", "champion").returncode == 0
+    assert alias_version(client, "champion") == "1"
+
+    more = promote(store, "--experiment", "tie-more")
+    assert more.returncode == 0, more.stderr
+    assert len(versions(client)) == 2  # registered, not promoted
+    assert alias_version(client, "champion") == "1", more.stdout
+    assert alias_version(client, "previous") is None
+    assert "stays on version 1" in more.stdout
+
+    fewer = promote(store, "--experiment", "tie-fewer")
+    assert fewer.returncode == 0, fewer.stderr
+    assert alias_version(client, "champion") == "3", fewer.stdout
+    assert alias_version(client, "previous") == "1"
+    assert "a tie, with fewer parameters" in fewer.stdout
+
+
+@pytest.mark.slow
+def test_another_alias_keeps_its_own_previous_and_leaves_the_champion_alone(store):
+    client = mlflow_client(store.uri)
+    assert promote(store, "--experiment", TINY).returncode == 0
+    assert alias_version(client, "champion") == "1"
+
+    staged = promote(store, "--experiment", LATER, "--alias", "staging")
+    assert staged.returncode == 0, staged.stderr
+    assert "FractalNet@staging -> version 2" in staged.stdout
+    # TINY's best beats LATER's: staging moves to it, and the outgoing version is kept
+    better = promote(store, "--experiment", TINY, "--alias", "staging")
+    assert better.returncode == 0, better.stderr
+    assert all_aliases(client) == {"champion": "1", "staging": "1", "staging-previous": "2"}
+
+    back = promote(store, "--alias", "staging", "--rollback")
+    assert back.returncode == 0, back.stderr
+    assert all_aliases(client) == {"champion": "1", "staging": "2", "staging-previous": "1"}
+
+
+@pytest.mark.slow
+def test_promote_through_an_mlflow_tracking_server(tmp_path):
+    import mlflow
+    import numpy as np
+    from servers import mlflow_server
+
+    config = {"study_name": "served", "data": {"name": "digits"},
+              "space": {"blocks": [1], "columns": [1], "width": [8, 16],
+                        "unit": ["conv-norm-act"]},
+              "training": {"epochs": 1, "batch_size": 64, "lr": 0.1, "seed": 0}}
+    local = Store(tmp_path)
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as uri:
+        run_study(config, local, tmp_path / "optuna.journal", tracking_uri=uri)
+        assert not local.db.exists()  # everything went to the server
+        client = mlflow_client(uri)
+        runs = trial_runs(client, "served")
+        assert [r.data.tags["fractal.state"] for r in runs] == ["COMPLETE", "COMPLETE"]
+        best = expected_best(runs)
+
+        done = run_module("fractal_mlops.promote", "--experiment", "served",
+                          "--tracking-uri", uri, timeout=300)
+
+        assert done.returncode == 0, done.stdout + done.stderr
+        [version] = versions(client)
+        assert version.tags["source_run_id"] == best.info.run_id
+        assert alias_version(client, "champion") == "1"
+        model = mlflow.pyfunc.load_model("models:/FractalNet@champion")
+        scores = model.predict(np.zeros((2, 1, 8, 8), dtype=np.float32))
+        assert np.asarray(scores).shape == (2, 10)
 
 
 @pytest.mark.slow

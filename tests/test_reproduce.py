@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from helpers_registry import (
+    REPO,
     TINY,
     Store,
     clean_env,
@@ -89,34 +94,163 @@ def test_reproducing_a_pruned_trial_stops_at_the_same_epoch(store):
     assert "fractal.model_uri" not in copy.data.tags
 
 
-@pytest.mark.slow
-def test_metrics_that_differ_exit_1_and_a_changed_commit_is_warned_about(store):
-    """A run whose record says epoch 2 reached another val_acc than its config trains to."""
-    from mlflow.entities import Metric, Param, RunTag
+def forged_copy(client, source, workdir: Path, *, tags: dict | None = None,
+                training: dict | None = None, shifted: dict | None = None,
+                dataset_digest: str | None = None) -> str:
+    """A new trial run that records what `source` recorded (tags, params, config.yaml, per-epoch
+    metrics) with some changes, as a run made by other code, data or settings would:
+    `tags` replaced, `training` settings changed in its config.yaml, per-epoch metrics
+    `shifted` by {(key, step): delta}, a dataset input with another digest."""
+    import yaml
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-    client = mlflow_client(store.uri)
-    source = next(r for r in trial_runs(client, TINY)
-                  if r.data.tags["fractal.state"] == "COMPLETE")
     forged = client.create_run(source.info.experiment_id, run_name="forged").info.run_id
-    tags = {**source.data.tags, "mlflow.source.git.commit": "0" * 40}
-    tags.pop("mlflow.runName", None)
-    client.log_batch(forged, tags=[RunTag(k, v) for k, v in tags.items()],
+    recorded_tags = {**source.data.tags, **(tags or {})}
+    recorded_tags.pop("mlflow.runName", None)
+    client.log_batch(forged, tags=[RunTag(k, v) for k, v in recorded_tags.items()],
                      params=[Param(k, v) for k, v in source.data.params.items()])
-    client.log_text(forged, Path(client.download_artifacts(
-        source.info.run_id, "config.yaml", str(store.root))).read_text(), "config.yaml")
-    recorded = [Metric(key, value + (1e-6 if (key, step) == ("val_acc", 2) else 0.0), 0, step)
-                for (key, step), value in history(client, source.info.run_id).items()]
-    client.log_batch(forged, metrics=recorded)
+    config = yaml.safe_load(Path(client.download_artifacts(
+        source.info.run_id, "config.yaml", str(workdir))).read_text())
+    config["training"].update(training or {})
+    client.log_text(forged, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+    shifted = shifted or {}
+    client.log_batch(forged, metrics=[Metric(key, value + shifted.get((key, step), 0.0), 0, step)
+                                      for (key, step), value in history(
+                                          client, source.info.run_id).items()])
+    if dataset_digest:
+        dataset = MetaDataset(CodeDatasetSource(tags={"source": "elsewhere"}),
+                              name=source.data.params["dataset"], digest=dataset_digest)
+        client.log_inputs(forged, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])
     client.set_terminated(forged, "FINISHED")
+    return forged
+
+
+def complete_trial(client):
+    return next(r for r in trial_runs(client, TINY) if r.data.tags["fractal.state"] == "COMPLETE")
+
+
+@pytest.mark.slow
+def test_a_record_that_differs_slightly_exits_1_unless_within_atol_and_changes_are_warned(store):
+    """A run whose record says epoch 2 reached a slightly other val_acc than its config trains
+    to, made by other code (git commit) on other data (dataset digest)."""
+    client = mlflow_client(store.uri)
+    source = complete_trial(client)
+    forged = forged_copy(client, source, store.root,
+                         tags={"mlflow.source.git.commit": "0" * 40},
+                         shifted={("val_acc", 2): 1e-6}, dataset_digest="0123456789abcdef")
 
     done = reproduce(store, forged)
 
     assert done.returncode == 1, done.stdout + done.stderr
-    rows = {line.split()[0]: line for line in done.stdout.splitlines()
-            if line.split()[:1] in (["1"], ["2"])}
+    rows = epoch_rows(done.stdout)
     assert rows["1"].endswith("same") and "DIFFERS" in rows["2"], done.stdout
     assert "DIFFERENT" in done.stdout
     assert "git commit 000000000000" in done.stderr
+    assert "warning: the dataset here (digest " in done.stderr
+    assert "differs from the one the run used (0123456789abcdef)" in done.stderr
+
+    loose = reproduce(store, forged, "--atol", "1e-5")
+
+    assert loose.returncode == 0, loose.stdout + loose.stderr
+    rows = epoch_rows(loose.stdout)
+    assert rows["1"].endswith("same") and rows["2"].endswith("same"), loose.stdout
+    assert "MATCH: the metrics are equal within atol 1e-05" in loose.stdout
+
+
+def epoch_rows(stdout: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in stdout.splitlines()
+            if line.split()[:1] in (["1"], ["2"])}
+
+
+@pytest.mark.slow
+def test_the_recorded_thread_count_is_used_whatever_this_process_would_default_to(store):
+    client = mlflow_client(store.uri)
+    source = complete_trial(client)
+    recorded = int(source.data.params["threads"])
+    # OMP_NUM_THREADS sets torch's default thread count in the reproducing process; make it
+    # differ from the recorded one (torch caps the default at the core count, so go down)
+    default = 1 if recorded > 1 else 2
+    done = run_module("fractal_mlops.reproduce", source.info.run_id, "--tracking-uri",
+                      store.uri, env=clean_env(OMP_NUM_THREADS=str(default)), timeout=600)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    header = done.stdout.splitlines()[0]
+    assert header.startswith(f"reproducing run {source.info.run_id}")
+    assert header.endswith(f"cpu with {recorded} threads"), header
+    copy = reproduction_of(client, TINY, source.info.run_id)
+    assert copy.data.params["threads"] == str(recorded)
+    assert "MATCH: the metrics are identical" in done.stdout
+    assert "dataset" not in done.stderr  # the same data: no digest warning
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_closes_the_new_run_fail_interrupted(store):
+    client = mlflow_client(store.uri)
+    source = complete_trial(client)
+    # the same trial, recorded with far more epochs than the test lets it train
+    long = forged_copy(client, source, store.root, training={"epochs": 2000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fractal_mlops.reproduce", long, "--tracking-uri", store.uri],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell
+    try:                                                                  # may ignore SIGINT
+        run_id = wait_for_training_run(client, long, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "interrupted" in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err
+    copy = client.get_run(run_id)
+    assert copy.info.status == "KILLED"
+    assert copy.data.tags["fractal.state"] == "FAIL"
+    assert copy.data.tags["fractal.reason"] == "interrupted"
+    assert 1 <= len(client.get_metric_history(run_id, "val_acc")) < 2000
+
+
+def wait_for_training_run(client, original_id: str, proc: subprocess.Popen,
+                          timeout: float = 300) -> str:
+    """The reproduction run of `original_id`, once it is RUNNING with an epoch recorded."""
+    experiment = client.get_run(original_id).info.experiment_id
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in client.search_runs([experiment], f"tags.`fractal.reproduces` = '{original_id}'"):
+            if run.info.status == "RUNNING" and client.get_metric_history(run.info.run_id,
+                                                                          "val_acc"):
+                return run.info.run_id
+        if proc.poll() is not None:
+            raise AssertionError(f"reproduce ended ({proc.returncode}) before an epoch was "
+                                 f"recorded: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"no epoch of a reproduction of {original_id} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_trial_runs_record_normalization_device_threads_and_the_git_commit(studied_store):
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True)
+        commit = done.stdout.strip() if done.returncode == 0 else None
+    except OSError:  # no git: the study cannot tell its commit either
+        commit = None
+    client = mlflow_client(studied_store.uri)
+    runs = trial_runs(client, TINY)
+    assert len(runs) == 4
+    for run in runs:
+        params = run.data.params
+        # README: the digits' training split normalizes with mean 0.305434, std 0.375959
+        assert (params["data_mean"], params["data_std"]) == ("0.305434", "0.375959")
+        assert params["device"] == "cpu"
+        assert int(params["threads"]) >= 1
+        # the commit of the checkout whose code ran (the study ran outside it, in a tmp dir)
+        assert run.data.tags.get("mlflow.source.git.commit") == commit
 
 
 @pytest.mark.slow
