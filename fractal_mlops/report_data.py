@@ -6,20 +6,17 @@ the val_acc history and `anytime.csv` are fetched for the top K trials only.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
-import os
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DIMENSIONS, ConfigError
-from .tracking import REASON, ROLE, STATE, VARIANT, redact
+from .tracking import REASON, ROLE, STATE, VARIANT, no_artifact_progress_bars, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -104,7 +101,7 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
     data = StudyData(experiment_name, tracking_uri, parent.info.run_id if parent else None,
                      grid_size, trials, dimensions, varied, max(columns, default=0), ranked,
                      ranked[:top], champion(client))
-    with _no_progress_bars():
+    with no_artifact_progress_bars():
         for trial in data.top:
             history = client.get_metric_history(trial.run_id, "val_acc")
             data.histories[trial.run_id] = sorted((m.step, m.value) for m in history)
@@ -113,20 +110,6 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
                 data.anytime[trial.run_id] = curve
     return data
 
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """MLflow draws a progress bar per downloaded artifact (ten lines of noise for the top 10)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def _dimensions() -> list[str]:

@@ -20,9 +20,7 @@ store: one line on stderr, nothing written), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from .tracking import (
     STATE,
     check_existing_store,
     mlflow_error_line,
+    no_artifact_progress_bars,
     open_store,
     redact,
     resolve_tracking_uri,
@@ -147,7 +146,7 @@ def load_original(client: MlflowClient, run_id: str, uri: str) -> RecordedTrial:
                           "nothing to reproduce")
     if run.info.status in ("RUNNING", "SCHEDULED"):
         raise ConfigError(f"run {run_id} is still {run.info.status}; reproduce it once it ended")
-    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
             text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
         except (MlflowException, OSError):
@@ -168,20 +167,6 @@ def load_original(client: MlflowClient, run_id: str, uri: str) -> RecordedTrial:
     experiment = client.get_experiment(run.info.experiment_id).name
     return RecordedTrial(run, experiment, config, text, variant, epochs, final)
 
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a tqdm bar for every artifact download; not for one small file."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def parse_trial_config(text: str, run_id: str) -> tuple[ExperimentConfig, Variant]:

@@ -8,7 +8,6 @@ of a promoted point equal those of an unbroken run and none is trained twice.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -19,6 +18,7 @@ from .runner import (
     TrialStopped,
     divergence_reason,
     finish_training,
+    record_epoch,
     trial_config_yaml,
     trial_params,
 )
@@ -147,12 +147,7 @@ def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWo
         outcome.train_seconds = trainer.train_seconds
     chance = 1.0 / data.num_classes
     for result in trainer.epochs(stop=work.rung.epochs):
-        tracker.log_epoch(run_id, result)
-        outcome.train_seconds = trainer.train_seconds
-        if result.stop_reason:
-            raise TrialStopped(result.stop_reason)
-        outcome.last_val_acc = result.val_acc
-        outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+        record_epoch(tracker, run_id, result, outcome, trainer.train_seconds)
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
         trial.report(result.val_acc, result.epoch)
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
@@ -207,25 +202,13 @@ def _save_checkpoint(tracker, run_id: str, state: dict) -> None:
 def _load_checkpoint(tracker, run_id: str) -> dict | None:
     import torch
 
+    from .tracking import no_artifact_progress_bars
+
     names = [a.path for a in tracker.client.list_artifacts(run_id, CHECKPOINT_DIR)]
     if f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}" not in names:
         return None
-    with tempfile.TemporaryDirectory() as folder, _no_progress_bar():
+    with tempfile.TemporaryDirectory() as folder, no_artifact_progress_bars():
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
                                                  folder)
         return torch.load(path, map_location="cpu", weights_only=False)
 
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a download bar per artifact: noise between the study's own lines."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = before

@@ -93,6 +93,17 @@ def divergence_reason(val_acc: float, epoch: int, chance: float,
     return None
 
 
+def record_epoch(tracker: Tracker, run_id: str, result: EpochResult, outcome: TrialOutcome,
+                 train_seconds: float) -> None:
+    """Log one epoch and keep what the trial has produced; a non-finite loss stops it."""
+    tracker.log_epoch(run_id, result)
+    outcome.train_seconds = train_seconds
+    if result.stop_reason:
+        raise TrialStopped(result.stop_reason)
+    outcome.last_val_acc = result.val_acc
+    outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+
+
 def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
                   config: ExperimentConfig, device: torch.device, outcome: TrialOutcome,
                   on_epoch: EpochHook | None = None) -> None:
@@ -110,12 +121,7 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
     outcome.param_count = trainer.param_count
     chance = 1.0 / data.num_classes
     for result in trainer.epochs():
-        tracker.log_epoch(run_id, result)
-        outcome.train_seconds = trainer.train_seconds
-        if result.stop_reason:
-            raise TrialStopped(result.stop_reason)
-        outcome.last_val_acc = result.val_acc
-        outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+        record_epoch(tracker, run_id, result, outcome, trainer.train_seconds)
         hook_reason = on_epoch(result) if on_epoch is not None else None
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
         if reason or hook_reason:

@@ -460,3 +460,18 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "timm", "fractal-mlops")]
+
+
+@contextlib.contextmanager
+def no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar per downloaded artifact: noise between our own lines."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
