@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -201,12 +202,25 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     return ExperimentConfig(study_name, data, space, training, pruning, run, source)
 
 
+# The study name is also the MLflow experiment name (at most 256 characters in its SQL store)
+# and, made safe, a folder name under the artifact root (at most 255 bytes on most file systems).
+MAX_NAME_BYTES = 200
+
+
 def check_study_name(name: Any) -> str:
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # `study_name: 2024` in YAML
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("study_name must be a non-empty string")
-    if any(quote in name for quote in "'\"`"):
-        raise ConfigError(f"study_name {name!r} must not contain quotes")
-    return name.strip()
+    name = name.strip()
+    if any(quote in name for quote in "'\"`\\"):
+        raise ConfigError(f"study_name {name[:60]!r} must not contain quotes or backslashes")
+    if not name.isprintable():
+        raise ConfigError(f"study_name {name[:60]!r} must not contain control characters")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ConfigError(f"study_name is {len(name.encode())} bytes long; the stores take at "
+                          f"most {MAX_NAME_BYTES} (it names the MLflow experiment and a folder)")
+    return name
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
@@ -223,17 +237,39 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**values)
 
 
+# YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`) and `off` / `no` as false:
+# take the number, and the "off" word of the settings that have one.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_OFF_WORDS = {"training.amp": "off", "pruning.pruner": "none"}
+
+
+def yaml_number(value: Any) -> Any:
+    """'1e-3' -> 0.001; anything else unchanged."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _coerce(value: Any, annotation: str, where: str) -> Any:
     kinds = annotation.replace(" ", "").split("|")
     if value is None:
         if "None" in kinds:
             return None
         raise ConfigError(f"{where} must not be empty")
+    if "bool" not in kinds and isinstance(value, bool):
+        if value is False and where in _OFF_WORDS:
+            return _OFF_WORDS[where]
+        raise ConfigError(f"{where}: YAML reads yes/no/on/off/true/false as a boolean; "
+                          f"quote the word, e.g. {where.split('.')[-1]}: '{'on' if value else 'off'}'")
+    if "str" not in kinds:
+        value = yaml_number(value)
     for kind in kinds:
         if kind == "bool" and isinstance(value, bool):
             return value
         if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if kind == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
         if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if kind == "str" and isinstance(value, str):
@@ -346,6 +382,7 @@ def _check_value(dim: str, value: Any) -> Any:
             raise ConfigError(f"{where} {value} is too many (at most {MAX_COLUMNS} columns)")
         return value
     if dim == "dropout":
+        value = yaml_number(value)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
             raise ConfigError(f"{where} values must be numbers in [0, 1), got {value!r}")
         return float(value)

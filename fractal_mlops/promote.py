@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
+    from .urls import install_redaction
+
+    install_redaction()
 
     try:
         settings = resolve_settings(args)

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
+    from .urls import install_redaction
+
+    install_redaction()
 
     try:
         if args.atol is not None and not (math.isfinite(args.atol) and args.atol >= 0):

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .repair import check_journal, repair_journal
 from .tracking import _check_sqlite_path, check_database_url, redact, sqlalchemy_url
 
 DEFAULT_JOURNAL = "mlruns/optuna.journal"
@@ -69,6 +70,7 @@ def check_storage(spec: StorageSpec) -> None:
             raise ConfigError(f"storage {spec.location}: the folder {folder} is not writable")
         if not folder.exists() and not _creatable(folder):
             raise ConfigError(f"storage {spec.location}: the folder {folder} cannot be created")
+        check_journal(Path(spec.location).expanduser())
     elif spec.location.startswith("sqlite"):
         _check_sqlite_path(spec.location, "storage")
     else:
@@ -88,6 +90,7 @@ def open_storage(spec: StorageSpec):
     if spec.kind == "journal":
         path = Path(spec.location).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         backend = optuna.storages.journal.JournalFileBackend(
             str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
         return optuna.storages.JournalStorage(backend)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
+from .preflight import check_feasible, check_workers
+from .repair import restart_study, trained_nothing
 from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
 from .space import Variant, grid
 from .storage import (
@@ -104,6 +106,9 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line, make_console
+    from .urls import install_redaction
+
+    install_redaction()
 
     try:
         settings = resolve_settings(args)
@@ -141,6 +146,7 @@ def run_worker(settings: StudySettings, console) -> int:
         torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
+    check_feasible(config, device, data, variants)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
     started_at = time.monotonic()
@@ -205,12 +211,16 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
         pruner=_optuna_pruner(config.pruning.pruner),
     )
     recorded = study.user_attrs.get("config_sha256")
+    if recorded not in (None, config.sha256) and trained_nothing(study):
+        study = restart_study(study, lambda: _load_or_create_study(settings, variants))
+        recorded = study.user_attrs.get("config_sha256")
     if recorded is None:
         study.set_user_attr("config_sha256", config.sha256)
         study.set_user_attr("grid_size", len(variants))
     elif recorded != config.sha256:
         raise ConfigError(f"study {settings.study_name!r} already exists with a different "
-                          "config; pass another --study-name to start a new study")
+                          "config and trained under it; pass another --study-name to start a "
+                          "new study")
     return study
 
 
@@ -521,8 +531,10 @@ def launch_workers(settings: StudySettings, console) -> int:
     from .train import resolve_device
 
     started_at = time.monotonic()
-    resolve_device(settings.device)  # bad input fails here, before any store is touched
-    load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
+    device = resolve_device(settings.device)  # bad input fails here, before any store is touched
+    data = load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
+    check_workers(settings.workers, data.train_x.nbytes + data.val_x.nbytes)
+    check_feasible(settings.config, device, data, grid(settings.config))
     study, _, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
     workers = settings.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
