@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,6 +43,7 @@ from .storage import (
     worker_is_gone,
 )
 from .tracking import check_tracking_uri, is_tracking_outage, redact, resolve_tracking_uri
+from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
 
 if TYPE_CHECKING:
     import optuna
@@ -121,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingUnavailable as exc:
         error_line(redact(str(exc)))
         return 1
-    except KeyboardInterrupt:
-        error_line("interrupted: the running trial is marked FAIL (interrupted); "
-                   "run the same command again to resume")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        if not os.environ.get("FRACTAL_WORKER_INDEX"):  # the launcher says it for its workers
+            error_line(f"interrupted ({signal_name(exc)}): running trials are marked FAIL "
+                       "(interrupted), no worker is left running; run the same command again "
+                       "to resume")
+        return exit_code(exc)
 
 
 class TrackingUnavailable(Exception):
@@ -147,7 +148,7 @@ def run_worker(settings: StudySettings, console) -> int:
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
     check_feasible(config, device, data, variants)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    install_stop_handlers()
 
     started_at = time.monotonic()
     study, tracker, parent_run_id = open_stores(settings, variants)
@@ -194,10 +195,6 @@ def open_stores(settings: StudySettings, variants: list[Variant]):
         if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
             study.set_user_attr("mlflow_parent_run_id", parent_run_id)
     return study, tracker, parent_run_id
-
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> optuna.Study:
@@ -531,6 +528,7 @@ def launch_workers(settings: StudySettings, console) -> int:
     from .train import resolve_device
 
     started_at = time.monotonic()
+    install_stop_handlers()
     device = resolve_device(settings.device)  # bad input fails here, before any store is touched
     data = load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
     check_workers(settings.workers, data.train_x.nbytes + data.val_x.nbytes)
@@ -546,20 +544,16 @@ def launch_workers(settings: StudySettings, console) -> int:
         base += ["--config", settings.config.source]
     console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
                   f"[bold]{settings.study_name}[/]")
-    procs = []
-    for index in range(workers):
-        argv = list(base)
-        if settings.n_trials is not None:
-            share = settings.n_trials // workers + (index < settings.n_trials % workers)
-            if share == 0:
-                continue
-            argv += ["--n-trials", str(share)]
-        procs.append(subprocess.Popen(argv, env={**env, "FRACTAL_WORKER_INDEX": str(index + 1)}))
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        codes = [p.wait() for p in procs]  # they got the same Ctrl-C and close their trials
-        raise
+    with WorkerGroup() as group:  # a stop signal reaches every worker, once
+        for index in range(workers):
+            argv = list(base)
+            if settings.n_trials is not None:
+                share = settings.n_trials // workers + (index < settings.n_trials % workers)
+                if share == 0:
+                    continue
+                argv += ["--n-trials", str(share)]
+            group.start(argv, {**env, "FRACTAL_WORKER_INDEX": str(index + 1)})
+        codes = group.wait()
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0)
