@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .outage import POSTGRES_CONNECT_ARGS
 from .repair import check_journal, repair_journal
 from .tracking import _check_sqlite_path, check_database_url, redact, sqlalchemy_url
 
@@ -99,7 +100,7 @@ def open_storage(spec: StorageSpec):
                                                                           exist_ok=True)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if spec.location.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        engine_kwargs["connect_args"] = dict(POSTGRES_CONNECT_ARGS)
     return optuna.storages.RDBStorage(spec.location, engine_kwargs=engine_kwargs)
 
 
@@ -132,7 +133,7 @@ def _advisory_lock(url: str, study_name: str) -> Iterator[None]:
 
     key = zlib.crc32(f"fractal_mlops:{study_name}".encode())
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                      connect_args={"connect_timeout": 10})
+                                      connect_args=dict(POSTGRES_CONNECT_ARGS))
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
+from .errors import ServerFault
 from .preflight import check_feasible, check_workers
 from .repair import restart_study, trained_nothing
 from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
-    except TrackingUnavailable as exc:
+    except (TrackingUnavailable, ServerFault) as exc:
         error_line(redact(str(exc)))
         return 1
     except KeyboardInterrupt as exc:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .errors import ServerFault, is_outage, is_unique_violation
+from .outage import bound_http_retries
 from .repair import check_sqlite_file
 from .urls import http_auth_header, move_http_credentials, redact
 
@@ -42,8 +44,10 @@ def resolve_tracking_uri(flag: str | None, configured: str | None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the config, else the local SQLite store.
     Credentials in an http(s) URI move to MLFLOW_TRACKING_USERNAME / _PASSWORD (or _TOKEN),
     where MLflow reads them, so the URI that is shown and passed on holds none."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
-    return move_http_credentials(uri)
+    uri = move_http_credentials(
+        flag or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI)
+    bound_http_retries(uri)  # an outage is noticed in about 30 s, not minutes
+    return uri
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -77,7 +81,10 @@ def _check_tracking_server(base: str) -> None:
                     f"(HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
                     "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or put user:password@ "
                     "in the URI") from None
-            if path == "/health" or exc.code < 500:
+            if exc.code >= 500:
+                raise ServerFault(f"the MLflow tracking server at {redact(base)} failed: HTTP "
+                                  f"{exc.code} on {path.split('?')[0]}") from None
+            if path == "/health":
                 raise ConfigError(f"the MLflow tracking server at {redact(base)} answered "
                                   f"HTTP {exc.code} on {path.split('?')[0]}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -372,22 +379,11 @@ def mlflow_error_line(exc: BaseException) -> str | None:
 def is_tracking_outage(exc: BaseException) -> bool:
     """Is MLflow unreachable (the server, or the database behind it), rather than refusing
     one request? (A refused request fails its trial; an outage stops the worker.)"""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, requests.exceptions.RequestException):
-        return True
-    if not isinstance(exc, MlflowException):
-        return False
-    text = str(exc)
-    return (("API request to" in text and "failed with exception" in text)
-            or re.search(r"failed with error code 5\d\d", text) is not None
-            or "OperationalError" in text or "database is locked" in text)
+    return is_outage(exc)
 
 
 def _is_unique_violation(exc: Exception) -> bool:
-    text = str(exc)
-    return "UNIQUE constraint failed" in text or "duplicate key value" in text
+    return is_unique_violation(exc)
 
 
 def _pip_requirements() -> list[str]:
