@@ -167,16 +167,34 @@ def resolve_config_path(path: str | None) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | None = None) -> ExperimentConfig:
     resolved = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(resolved.read_text())
+        raw = yaml.load(resolved.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {resolved}: {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"config {resolved} is not valid YAML{line}") from None
+        problem = getattr(exc, "problem", None)
+        why = f": {' '.join(str(problem).split())}" if problem and "twice" in str(problem) else ""
+        raise ConfigError(f"config {resolved} is not valid YAML{line}{why}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .cli import OneLineParser
+from .compat import mismatch
 from .config import ConfigError
 from .tracking import (
     MODEL_URI,
@@ -371,6 +372,12 @@ def decide(client: MlflowClient, s: PromoteSettings, best: Candidate,
         return True, "there was no champion yet"
     held = client.get_model_version(s.model_name, champion)
     value, params = _champion_metrics(client, held, s.metric)
+    other = mismatch(client, best.run, held.tags.get("source_run_id") or held.run_id)
+    if other and not s.force:  # accuracies on other data say nothing about each other
+        return False, (f"run {best.run_id} was trained on other data ({other}); "
+                       "pass --force to promote across datasets")
+    if other:
+        return True, f"--force across datasets ({other})"
     if s.force:
         return True, f"--force (version {champion} had {s.metric} {_fmt(value)})"
     if value is None:
