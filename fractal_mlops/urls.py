@@ -145,8 +145,11 @@ def install_redaction() -> None:
 
     def factory(*args, **kwargs) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        record.msg = redact(record.getMessage())
-        record.args = None
+        try:
+            record.msg = redact(record.getMessage())
+            record.args = None
+        except Exception:  # noqa: BLE001 - a malformed record is logging's to report
+            pass
         return record
 
     factory.fractal_redacts = True  # type: ignore[attr-defined]
