@@ -122,3 +122,21 @@ def test_a_server_5xx_is_exit_1_not_bad_input(answering, tmp_path, command):
     assert proc.returncode == 1, proc.stderr
     assert len(lines) == 1 and "500" in lines[0] and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"] if command == "study" else True
+
+
+@pytest.mark.slow
+def test_a_postgresql_unique_violation_is_a_conflict_by_type(postgres):
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres.url("optuna"))
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE IF NOT EXISTS fractal_u (k TEXT PRIMARY KEY)"))
+        conn.execute(sqlalchemy.text("DELETE FROM fractal_u"))
+        conn.execute(sqlalchemy.text("INSERT INTO fractal_u VALUES ('a')"))
+    with pytest.raises(sqlalchemy.exc.IntegrityError) as info, engine.begin() as conn:
+        conn.execute(sqlalchemy.text("INSERT INTO fractal_u VALUES ('a')"))
+    assert type(info.value.orig).__name__ == "UniqueViolation"
+    assert classify(info.value) == CONFLICT
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DROP TABLE fractal_u"))
+    engine.dispose()
