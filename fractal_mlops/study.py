@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
-from .errors import ServerFault
+from .errors import ServerFault, is_outage
 from .preflight import check_feasible, check_workers
 from .repair import restart_study, trained_nothing
 from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except (TrackingUnavailable, ServerFault) as exc:
         error_line(redact(str(exc)))
+        return 1
+    except Exception as exc:
+        if not is_outage(exc):  # a store went away outside a trial's own handling
+            raise
+        error_line(f"a store stopped answering ({_one_line(exc)[:300]}); run the same command "
+                   "again when it is back: the running trial is then recovered")
         return 1
     except KeyboardInterrupt as exc:
         if not os.environ.get("FRACTAL_WORKER_INDEX"):  # the launcher says it for its workers

@@ -60,3 +60,30 @@ def test_an_outage_is_announced_and_stops_the_worker(tmp_path, monkeypatch, outa
     assert len(errors) == 1 and "tracking store is back" in errors[0], err
     trials = study.optuna_trials("outage")
     assert [t.user_attrs.get("reason") for t in trials] == ["tracking store unavailable"]
+
+
+@pytest.mark.slow
+def test_a_postgresql_storage_that_goes_away_stops_the_worker_with_one_line(tmp_path):
+    from servers import _run_as, _stop_cluster, find_pg_binary, postgres_cluster
+
+    config = write_config(tmp_path / "c.yaml", study_name="pg-outage",
+                          space={"blocks": [2], "columns": [3], "width": [16],
+                                 "unit": ["conv-norm-act"]}, training={"epochs": 30})
+    try:
+        cluster_context = postgres_cluster()
+        cluster = cluster_context.__enter__()
+    except Exception as exc:  # noqa: BLE001 - PostgreSQL not installed here
+        pytest.skip(str(exc))
+    try:
+        study = StudyDir(tmp_path, storage=cluster.optuna_url)
+        proc = study.popen("--config", str(config), *study.args())
+        study.wait_for_running_trial(proc)
+        _stop_cluster(find_pg_binary("pg_ctl"), cluster.data_dir, _run_as())
+        out, err = proc.communicate(timeout=240)
+    finally:
+        cluster_context.__exit__(None, None, None)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run the same command again" in errors[0], err
+    assert cluster.password not in err
