@@ -34,6 +34,7 @@ def main() -> None:
     from fractal_mlops.config import load_config
     from fractal_mlops.console import StudyProgress, make_console
     from fractal_mlops.data import load_dataset
+    from fractal_mlops.signals import InterruptGuard
     from fractal_mlops.space import grid
     from fractal_mlops.storage import resolve_storage
     from fractal_mlops.train import Trainer
@@ -63,11 +64,10 @@ def main() -> None:
             device="cpu", workers=1, n_trials=None)
         study, tracker, parent = study_module.open_stores(settings, [variant])
         ctx = study_module.TrialContext(study, tracker, parent, settings, data,
-                                        torch.device("cpu"), [variant])
+                                        torch.device("cpu"), [variant], InterruptGuard())
         progress = StudyProgress(make_console(), 1, 0, config.training.epochs, live=False)
         start = time.perf_counter()
-        trial, choice, position = study_module.claim_next(study, [variant])
-        study_module.run_trial(ctx, trial, choice, position, progress)
+        study_module.claim_and_run(ctx, progress)  # claim, start, train, close: one trial
         return time.perf_counter() - start
 
     tracked()  # warm-up: MLflow's first log_model imports and caches its flavors

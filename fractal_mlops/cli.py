@@ -11,6 +11,7 @@ COMMANDS = {
     "space": "print the size and the variants of a template grid",
     "promote": "register the best trial's model and move the champion alias",
     "reproduce": "re-run a trial from its MLflow run ID and compare the metrics",
+    "report": "write a study's report (leaderboard.csv, figures, report.html) and log it",
 }
 
 

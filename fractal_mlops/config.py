@@ -9,6 +9,7 @@ An experiment YAML has five sections (all optional except what differs from the 
     training: {epochs, batch_size, lr, momentum, weight_decay, optimizer, seed, amp,
                grad_checkpointing, channels_last}
     pruning:  {warmup_epochs, chance_margin, pruner: none | median | successive_halving}
+    search:   {mode: grid | halving, min_epochs: 1, reduction_factor: 3}
     run:      {tracking_uri, storage, device: auto | cpu | cuda, workers, n_trials}
 
 Command-line flags override the `run` section.
@@ -53,6 +54,7 @@ DROP_PATHS = ("none", "local", "local+global")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 OPTIMIZERS = ("sgd", "adamw")
 PRUNERS = ("none", "median", "successive_halving")
+SEARCH_MODES = ("grid", "halving")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_COLUMNS = 8
 
@@ -117,6 +119,13 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    mode: str = "grid"  # grid: every point to training.epochs; halving: see halving.py
+    min_epochs: int = 1  # halving: epochs of the first rung
+    reduction_factor: int = 3  # halving: each rung keeps the best 1/reduction_factor
+
+
+@dataclass(frozen=True)
 class RunConfig:
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     storage: str | None = None  # default: a journal file under mlruns/
@@ -132,6 +141,7 @@ class ExperimentConfig:
     space: dict[str, list[Any]] = field(default_factory=lambda: dict(SPACE_DEFAULTS))
     training: TrainConfig = field(default_factory=TrainConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # where it was read from
 
@@ -140,6 +150,8 @@ class ExperimentConfig:
         out = asdict(self)
         out.pop("source")
         out.pop("run")
+        if self.search.mode == "grid":  # grid studies keep the hash they had before `search`
+            out.pop("search")
         return out
 
     def to_yaml(self) -> str:
@@ -203,7 +215,7 @@ def load_config(path: str | None = None) -> ExperimentConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    known = {"study_name", "data", "space", "training", "pruning", "run"}
+    known = {"study_name", "data", "space", "training", "pruning", "search", "run"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (expected one of {sorted(known)})")
@@ -215,9 +227,11 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     _check_data(data)
     _check_training(training)
     _check_pruning(pruning)
+    search = _section(SearchConfig, raw.get("search"), "search")
+    _check_search(search, training)
     run = check_run(_section(RunConfig, raw.get("run"), "run"))
     space = _check_space(raw.get("space"), data)
-    return ExperimentConfig(study_name, data, space, training, pruning, run, source)
+    return ExperimentConfig(study_name, data, space, training, pruning, search, run, source)
 
 
 # The study name is also the MLflow experiment name (at most 256 characters in its SQL store)
@@ -331,6 +345,15 @@ def _check_pruning(p: PruningConfig) -> None:
     if not 0.0 <= p.chance_margin < 1.0:
         raise ConfigError(f"pruning.chance_margin must be in [0, 1), got {p.chance_margin}")
     _one_of(p.pruner, PRUNERS, "pruning.pruner")
+
+
+def _check_search(s: SearchConfig, training: TrainConfig) -> None:
+    _one_of(s.mode, SEARCH_MODES, "search.mode")
+    if not 1 <= s.min_epochs <= training.epochs:
+        raise ConfigError(f"search.min_epochs must be between 1 and training.epochs "
+                          f"({training.epochs}), got {s.min_epochs}")
+    if s.reduction_factor < 2:
+        raise ConfigError(f"search.reduction_factor must be at least 2, got {s.reduction_factor}")
 
 
 def check_run(r: RunConfig) -> RunConfig:

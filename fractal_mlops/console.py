@@ -70,7 +70,7 @@ class StudyProgress:
                    value: float | None, reason: str | None) -> None:
         self.progress.update(self.grid_task, completed=done)
         self.progress.update(self.trial_task, visible=False)
-        style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "")
+        style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "cyan")
         shown = f"val_acc {value:.3f}" if value is not None else ""
         why = f"  ({escape(reason)})" if reason and state != "COMPLETE" else ""
         self.console.print(f"{self.prefix}trial {trial_number:>4} [{style}]{state:<8}[/] "

@@ -153,6 +153,28 @@ HEARTBEAT_SECONDS = 10.0
 HEARTBEAT_GRACE = 60.0  # a remote worker silent this long is lost
 
 
+def heartbeat_settings() -> tuple[float, float]:
+    """(seconds between beats, silence after which a worker on another host is lost). Sites
+    whose workers reach the store over slow links raise both with FRACTAL_HEARTBEAT_SECONDS and
+    FRACTAL_HEARTBEAT_GRACE; every worker of a study must use the same values."""
+    def positive(name: str, default: float) -> float:
+        try:
+            value = float(os.environ.get(name, default))
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got "
+                              f"{os.environ[name]!r}") from None
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value:g}")
+        return value
+
+    seconds = positive("FRACTAL_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+    grace = positive("FRACTAL_HEARTBEAT_GRACE", HEARTBEAT_GRACE)
+    if grace < 2 * seconds:
+        raise ConfigError(f"FRACTAL_HEARTBEAT_GRACE ({grace:g} s) must be at least twice "
+                          f"FRACTAL_HEARTBEAT_SECONDS ({seconds:g} s)")
+    return seconds, grace
+
+
 def worker_identity() -> str:
     """host:pid:start-time: unique across pid reuse."""
     return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
@@ -183,4 +205,4 @@ def worker_is_gone(identity: str | None, heartbeat: float | None, now: float | N
         return started != "?" and _process_start(int(pid)) not in (started, "?")
     if heartbeat is None:
         return False
-    return (now or time.time()) - heartbeat > HEARTBEAT_GRACE
+    return (now or time.time()) - heartbeat > heartbeat_settings()[1]

@@ -1,7 +1,7 @@
 """The main job: an Optuna study walks the template grid, prunes diverging runs, tracks in MLflow.
 
     python -m fractal_mlops.study [--config PATH] [--tracking-uri URI] [--storage URL]
-        [--study-name NAME] [--workers N] [--device auto|cpu|cuda] [--n-trials N]
+        [--study-name NAME] [--workers N] [--device auto|cpu|cuda] [--n-trials N] [--no-report]
 
 Each worker loops: claim a pending grid point under the study-wide claim lock (marking trials
 of vanished workers FAIL "worker lost" first, so their points become pending again), train it
@@ -29,15 +29,16 @@ from .errors import ServerFault, is_outage
 from .preflight import check_feasible, check_workers
 from .repair import restart_study, trained_nothing
 from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
+from .signals import InterruptGuard
 from .space import Variant, grid
 from .storage import (
-    HEARTBEAT_SECONDS,
     RETRYABLE,
     TRACKING_FAILED,
     WORKER_LOST,
     StorageSpec,
     check_storage,
     claim_lock,
+    heartbeat_settings,
     open_storage,
     resolve_storage,
     worker_identity,
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="worker processes on this host (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--n-trials", type=int, help="train at most N grid points in this run")
+    parser.add_argument("--no-report", action="store_true", help="do not refresh the study "
+                        "report (fractal-mlops report) at the end")
     return parser
 
 
@@ -99,6 +102,7 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     storage = resolve_storage(args.storage, run.storage)
     check_storage(storage)
     check_tracking_uri(tracking_uri)
+    heartbeat_settings()  # a bad FRACTAL_HEARTBEAT_* is bad input, before any store is touched
     return StudySettings(config, study_name, tracking_uri, storage, run.device, run.workers,
                          run.n_trials)
 
@@ -112,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = resolve_settings(args)
-        if settings.workers > 1:
-            return launch_workers(settings, make_console())
-        return run_worker(settings, make_console())
+        run = launch_workers if settings.workers > 1 else run_worker
+        code = run(settings, make_console())
+        if not args.no_report:
+            from .report import study_finished
+
+            study_finished(settings.tracking_uri, settings.study_name, code)
+        return code
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
@@ -130,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if not os.environ.get("FRACTAL_WORKER_INDEX"):  # the launcher says it for its workers
             error_line(f"interrupted ({signal_name(exc)}): running trials are marked FAIL "
-                       "(interrupted), no worker is left running; run the same command again "
-                       "to resume")
+                       "(interrupted), or in halving mode wait to resume their rung; no worker "
+                       "is left running; run the same command again to resume")
         return exit_code(exc)
 
 
@@ -155,11 +163,13 @@ def run_worker(settings: StudySettings, console) -> int:
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
     check_feasible(config, device, data, variants)
-    install_stop_handlers()
+    interrupts = InterruptGuard().install()
 
     started_at = time.monotonic()
-    study, tracker, parent_run_id = open_stores(settings, variants)
-    close_orphaned_runs(study, tracker)
+    with interrupts.deferred():  # a Ctrl-C here would leave the study's run RUNNING
+        study, tracker, parent_run_id = open_stores(settings, variants)
+        close_orphaned_runs(study, tracker)
+    interrupts.raise_pending()
 
     prefix = worker_prefix()
     live = None if not prefix else False
@@ -167,18 +177,20 @@ def run_worker(settings: StudySettings, console) -> int:
     console.print(f"{prefix}study [bold]{settings.study_name}[/]: {len(variants)} variants on "
                   f"{data.name} ({len(data.train_x)} train / {len(data.val_x)} val images), "
                   f"{done} done, device {device.type}")
-    context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants)
+    context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants,
+                           interrupts)
     started = 0
+    halving = config.search.mode == "halving"
+    if halving:
+        from .halving import describe_plan
+        from .rung import claim_and_run_rung
+        console.print(f"{prefix}{describe_plan(config, len(variants))}")
     with StudyProgress(console, len(variants), done, config.training.epochs, live=live,
                        prefix=prefix) as progress:
         while settings.n_trials is None or started < settings.n_trials:
-            with claim_lock(settings.storage, settings.study_name):
-                recover_lost_trials(study, tracker)
-                claimed = claim_next(study, variants)
-            if claimed is None:
+            if not (claim_and_run_rung if halving else claim_and_run)(context, progress):
                 break
             started += 1
-            run_trial(context, *claimed, progress)
     rows = _summary(study, tracker, parent_run_id, len(variants))
     if not prefix:  # a worker among several leaves the leaderboard to its launcher
         show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at)
@@ -194,8 +206,10 @@ def open_stores(settings: StudySettings, variants: list[Variant]):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = settings.config
     with claim_lock(settings.storage, settings.study_name):
-        tracker = Tracker(settings.tracking_uri, settings.study_name)
+        # The study first: a config that does not match it is refused before the tracking
+        # store (a new --tracking-uri's database, say) is created.
         study = _load_or_create_study(settings, variants)
+        tracker = Tracker(settings.tracking_uri, settings.study_name)
         parent_run_id = tracker.study_run(
             settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
             _study_params(settings, variants), config.to_yaml(), config.sha256)
@@ -260,6 +274,7 @@ def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
     params.update({f"space.{k}": ",".join(map(str, v)) for k, v in config.space.items()})
     params.update({f"training.{k}": v for k, v in config.to_dict()["training"].items()})
     params.update({f"pruning.{k}": v for k, v in config.to_dict()["pruning"].items()})
+    params.update({f"search.{k}": v for k, v in config.to_dict().get("search", {}).items()})
     return params
 
 
@@ -350,7 +365,8 @@ class Heartbeat:
     def _beat(self, study: optuna.Study, trial_id: int) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
 
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        interval = heartbeat_settings()[0]
+        while not self._stop.wait(interval):
             try:
                 study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
             except UpdateFinishedTrialError:  # finished, or declared lost by another worker
@@ -378,26 +394,60 @@ class TrialContext:
     data: Any
     device: Any
     variants: list[Variant]
+    interrupts: InterruptGuard
 
 
-def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
-              progress: StudyProgress) -> None:
-    import optuna
+def claim_and_run(ctx: TrialContext, progress: StudyProgress) -> bool:
+    """Claim the next pending grid point and train it; False when none is left.
+
+    Ctrl-C / SIGTERM wait from the claim until run_trial is ready to record them, so that an
+    interrupt never leaves a claimed trial or a started run behind unclosed.
+    """
+    settings = ctx.settings
+    ctx.interrupts.hold()  # released inside run_trial
+    try:
+        with claim_lock(settings.storage, settings.study_name):
+            recover_lost_trials(ctx.study, ctx.tracker)
+            claimed = claim_next(ctx.study, ctx.variants)
+        if claimed is not None:
+            trial, variant, position = claimed
+            progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
+            run_id = _start_run(ctx, trial, variant)
+    except BaseException:
+        ctx.interrupts.release(raise_pending=False)
+        raise
+    if claimed is None:
+        ctx.interrupts.release()
+        return False
+    run_trial(ctx, trial, variant, run_id, progress)
+    return True
+
+
+def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
     import torch
-    from optuna.trial import TrialState
 
     config = ctx.settings.config
-    progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
     try:
         run_id = ctx.tracker.start_trial(
             ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
             trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
             trial_config_yaml(variant, config), config.sha256, ctx.data)
+        trial.set_user_attr("mlflow_run_id", run_id)
     except Exception as exc:  # noqa: BLE001
         _tracking_lost(ctx, trial, None, exc)
+    return run_id
+
+
+def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
+              progress: StudyProgress) -> None:
+    """Train a claimed trial whose run has started, then close both. Called with interrupts
+    held (see claim_and_run): they are released where an interrupt is recorded."""
+    import optuna
+    from optuna.trial import TrialState
+
     outcome, run_status = TrialOutcome(), None
     try:
-        trial.set_user_attr("mlflow_run_id", run_id)
+        ctx.interrupts.release()  # raises a Ctrl-C that came while the trial was claimed
         with Heartbeat(ctx.study, trial._trial_id):
             train_and_track(ctx, trial, variant, run_id, outcome, progress)
         state, reason = "COMPLETE", None
@@ -406,7 +456,8 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
     except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for lost
         state, reason, run_status = "FAIL", WORKER_LOST, "KILLED"
     except KeyboardInterrupt:
-        _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
+        with ctx.interrupts.deferred():
+            _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
         raise
     except Exception as exc:  # noqa: BLE001 - any error fails this trial, the study goes on
         if is_tracking_outage(exc):
@@ -414,14 +465,16 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, position: int,
         state, reason = "FAIL", _one_line(exc)
     optuna_state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
                     "FAIL": TrialState.FAIL}[state]
-    try:
-        _finish(ctx, trial, run_id, state, reason, outcome, optuna_state, run_status)
-    except Exception as exc:
-        if not is_tracking_outage(exc):
-            raise
-        _tracking_lost(ctx, trial, run_id, exc)
+    with ctx.interrupts.deferred():
+        try:
+            _finish(ctx, trial, run_id, state, reason, outcome, optuna_state, run_status)
+        except Exception as exc:
+            if not is_tracking_outage(exc):
+                raise
+            _tracking_lost(ctx, trial, run_id, exc)
     progress.trial_done(_points_done(ctx.study), trial.number, variant.name, state,
                         outcome.last_val_acc, reason)
+    ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
 
 
 def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,

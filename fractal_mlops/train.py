@@ -141,6 +141,7 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss()
         self.memory = PeakMemory(self.device)
         self.train_seconds = 0.0
+        self.epochs_done = 0
 
     def _optimizer(self) -> torch.optim.Optimizer:
         s = self.settings
@@ -194,8 +195,37 @@ class Trainer:
             seen += len(labels)
         return loss_sum / seen, correct / seen
 
-    def epochs(self) -> Iterator[EpochResult]:
-        for epoch in range(1, self.settings.epochs + 1):
+    def state_dict(self) -> dict:
+        """Everything the next epoch depends on: weights, optimizer, RNG streams, epoch."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "epochs_done": self.epochs_done, "train_seconds": self.train_seconds,
+                 "loader_epoch": self.train_loader.epoch, "torch_rng": torch.get_rng_state(),
+                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: the next epochs equal those of an unbroken run."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epochs_done = state["epochs_done"]
+        self.train_seconds = state["train_seconds"]
+        self.train_loader.epoch = state["loader_epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def epochs(self, stop: int | None = None) -> Iterator[EpochResult]:
+        """Epochs after those already done, up to `stop` (default: training.epochs)."""
+        last = self.settings.epochs if stop is None else min(stop, self.settings.epochs)
+        for epoch in range(self.epochs_done + 1, last + 1):
             self.memory.reset()
             start = time.perf_counter()
             train_loss, train_acc, seen = self.train_epoch()
@@ -204,6 +234,7 @@ class Trainer:
             val_loss, val_acc = self.evaluate()
             seconds = time.perf_counter() - start
             self.train_seconds += seconds
+            self.epochs_done = epoch
             stop = None
             if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
                 which = "train" if not np.isfinite(train_loss) else "validation"

@@ -7,7 +7,8 @@
 or its pytest fixtures, enabled by `pytest_plugins = ["servers"]` in a test module or in
 tests/conftest.py: `postgres` (one cluster per test session, a `PostgresCluster`) and
 `mlflow_server_on_postgres` (one server per test session on that cluster, an `MlflowServer` with
-`.uri` and `.artifacts_dir`). Both skip the test where PostgreSQL is not installed.
+`.uri` and `.artifacts_dir`). Where PostgreSQL is not installed both skip the test, except
+under CI=true, where they fail it (`missing_tool`): CI must not turn green by testing less.
 
 URL schemes (checked with the venv here: SQLAlchemy 2.1, psycopg 3, no psycopg2)
 -----------------------------------------------------------------------------
@@ -52,6 +53,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -62,7 +64,7 @@ PG_SUPERUSER = "postgres"  # initdb -U: the same name whoever runs initdb
 
 
 class ServerUnavailable(RuntimeError):
-    """The server software is not installed here (the fixtures skip on it)."""
+    """The server software is not installed here (the fixtures skip on it, outside CI)."""
 
 
 class ServerStartError(RuntimeError):
@@ -74,6 +76,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def in_ci() -> bool:
+    """CI=true (GitHub Actions, GitLab CI and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """A tool a test needs is not installed: skip the test here, fail it in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing tool fails the test instead of skipping it; "
+                    ".ci/run installs what the tests need)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_postgres() -> None:
+    """Skip (fail under CI=true) where the PostgreSQL server binaries cannot run here."""
+    try:
+        for binary in ("initdb", "pg_ctl"):
+            find_pg_binary(binary)
+        _run_as()
+    except ServerUnavailable as exc:
+        missing_tool(str(exc))
 
 
 def _log_tail(path: Path, lines: int = 60) -> str:
@@ -316,15 +341,14 @@ def mlflow_server(
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
-    """One PostgreSQL cluster for the test session (skips where PostgreSQL is not installed).
+    """One PostgreSQL cluster for the test session (where PostgreSQL is not installed: skips,
+    fails under CI=true).
 
     Tests sharing it should use their own study / experiment names.
     """
-    try:
-        with postgres_cluster() as cluster:
-            yield cluster
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
+    require_postgres()
+    with postgres_cluster() as cluster:
+        yield cluster
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,24 @@
 """docker/: the compose file and the Dockerfile, checked without a Docker engine.
 
-The compose file is read twice where possible: as YAML with Compose's ${...} substitution done
-here, and as `docker compose config` resolves it (the Compose CLI needs no engine for that;
-those cases skip where the plugin is not installed).
+The compose file is read as `docker compose config` reads it: YAML, then Compose's ${...}
+substitution (done here), then validation against the Compose Specification's JSON schema
+(vendored in tests/vendor/compose-spec/) and the cross-references Compose checks (a service
+named in depends_on, a config, secret, network or named volume a service uses, is defined).
+The tests below look at that validated model.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
@@ -25,6 +27,7 @@ DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
 ENV_EXAMPLE = DOCKER / ".env.example"
+COMPOSE_SCHEMA = Path(__file__).resolve().parent / "vendor" / "compose-spec" / "compose-spec.json"
 
 # `python -m fractal_mlops.study` flags, from the contract in the design.
 CONTRACT_FLAGS = {"--config", "--tracking-uri", "--storage", "--study-name", "--workers",
@@ -63,20 +66,55 @@ def interpolate(value, env: dict[str, str]):
     return _VARIABLE.sub(substitute, value)
 
 
-def compose_cli_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
-    return probe.returncode == 0
+class ComposeInvalid(ValueError):
+    """The compose file breaks the Compose Specification (the message lists every error)."""
 
 
-def docker_compose_config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    # The env file is the example with its empty password: the environment's value wins.
-    command = ["docker", "compose", "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE),
-               "config", *args]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTGRES_")}
-    return subprocess.run(command, capture_output=True, text=True, env={**full_env, **env},
-                          timeout=60)
+@functools.cache
+def compose_schema_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    # The schema says draft-07; jsonschema does not recognise its `$schema` URI (no trailing
+    # `#`) and would fall back to the latest draft, so the draft is named here.
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _named_volume(volume) -> str | None:
+    """The named volume a service volume mounts (None for a bind mount or a tmpfs)."""
+    if isinstance(volume, dict):
+        return volume.get("source") if volume.get("type") == "volume" else None
+    source = volume.split(":", 1)[0] if ":" in volume else None
+    return source if source and not source.startswith((".", "/", "~", "$")) else None
+
+
+def reference_errors(model: dict) -> list[str]:
+    """Names a service uses that the file does not define (Compose refuses those too)."""
+    errors = []
+    for name, service in model.get("services", {}).items():
+        depends_on = service.get("depends_on") or []
+        used = {"services": list(depends_on),
+                "volumes": [v for v in map(_named_volume, service.get("volumes") or []) if v],
+                "networks": list(service.get("networks") or [])}
+        for kind in ("configs", "secrets"):
+            used[kind] = [item["source"] if isinstance(item, dict) else item
+                          for item in service.get(kind) or []]
+        for kind, names in used.items():
+            defined = set(model.get(kind) or {}) | ({"default"} if kind == "networks" else set())
+            errors += [f"services.{name}.{kind}: {item!r} is not defined in top-level {kind}"
+                       for item in names if item not in defined]
+    return errors
+
+
+def load_compose(path: Path, env: dict[str, str]) -> dict:
+    """The compose model `docker compose config` would resolve: YAML, ${...} substituted,
+    valid against the Compose Specification schema, every reference defined."""
+    model = interpolate(yaml.safe_load(path.read_text()), env)
+    errors = [f"{error.json_path}: {error.message}"
+              for error in compose_schema_validator().iter_errors(model)]
+    errors += reference_errors(model)
+    if errors:
+        raise ComposeInvalid(f"{path}:\n" + "\n".join(errors))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +122,10 @@ def raw_compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-@pytest.fixture(scope="module", params=["yaml", "docker compose config"])
-def compose(request, raw_compose) -> dict:
-    """The resolved compose model (same shape for both readers where these tests look)."""
-    if request.param == "yaml":
-        return interpolate(raw_compose, TEST_ENV)
-    if not compose_cli_available():
-        pytest.skip("the docker CLI with the compose plugin is not installed")
-    result = docker_compose_config(TEST_ENV, "--format", "json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The resolved, validated compose model."""
+    return load_compose(COMPOSE_FILE, TEST_ENV)
 
 
 def flag_values(args: list[str]) -> dict[str, str | None]:
@@ -305,16 +337,41 @@ def test_env_example_ships_no_password():
     assert used <= set(values), f"undocumented variables: {used - set(values)}"
 
 
-def test_interpolation_requires_the_password(raw_compose):
+@pytest.mark.parametrize("env", [{}, {"POSTGRES_PASSWORD": ""}], ids=["unset", "empty"])
+def test_compose_config_requires_the_password(env):
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        interpolate(raw_compose, {})
+        load_compose(COMPOSE_FILE, env)
 
 
-@pytest.mark.skipif(not compose_cli_available(), reason="docker compose plugin not installed")
-def test_docker_compose_config_requires_the_password():
-    result = docker_compose_config({})
-    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr
-    assert docker_compose_config(TEST_ENV, "--quiet").returncode == 0
+# A slip in the compose file, and what the check must say about it: (what, replacement, error).
+SLIPS = {
+    "misspelled healthcheck key": ("interval: 5s", "intervall: 5s",
+                                   r"postgres\.healthcheck: 'intervall' does not match"),
+    "misspelled service key": ("shm_size: 1gb", "shm_sise: 1gb",
+                               r"worker: 'shm_sise' does not match"),
+    "misspelled top-level key": ("\nvolumes:\n  pgdata:", "\nvolume:\n  pgdata:",
+                                 r"\$: 'volume' does not match"),
+    "duration without a unit": ("interval: 5s", "interval: 5",
+                                r"healthcheck\.interval: 5 is not of type 'string'"),
+    "string for a list": ("capabilities: [gpu]", "capabilities: gpu",
+                          r"capabilities: 'gpu' is not of type 'array'"),
+    "undefined named volume": ("- pgdata:/var/lib", "- pg-data:/var/lib",
+                               r"'pg-data' is not defined in top-level volumes"),
+    "undefined dependency": ("      mlflow:\n        condition: service_healthy",
+                             "      mlfow:\n        condition: service_healthy",
+                             r"worker\.services: 'mlfow' is not defined"),
+}
+
+
+@pytest.mark.parametrize("slip", SLIPS)
+def test_compose_check_catches_a_slip_in_a_copy_of_the_file(slip, tmp_path):
+    old, new, error = SLIPS[slip]
+    text = COMPOSE_FILE.read_text()
+    assert text.count(old) == 1, f"the compose file no longer holds {old!r}: update SLIPS"
+    copy = tmp_path / "compose.yaml"
+    copy.write_text(text.replace(old, new))
+    with pytest.raises(ComposeInvalid, match=error):
+        load_compose(copy, TEST_ENV)
 
 
 # --------------------------------------------------------------------------- Dockerfile

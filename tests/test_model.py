@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
@@ -181,27 +182,52 @@ def test_drop_path_varies_in_training_and_is_off_in_eval():
     assert all(torch.equal(evaluated[0], out) for out in evaluated)
 
 
+def drop_path_plans(model: FractalNet, passes: int) -> collections.Counter:
+    """What each training pass ran, read from the conv calls per block: "local" (all 2^C - 1
+    units of every block; local drop-path drops join inputs after computing them) or
+    "column k" (2^(k-1) units in every block: global drop-path kept column k alone)."""
+    calls = ConvCalls(model)
+    units = {2 ** (k - 1): f"column {k}" for k in range(1, model.columns + 1)}
+    units[2 ** model.columns - 1] = "local"
+    plans: collections.Counter = collections.Counter()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for _ in range(passes):
+            calls.reset()
+            model(x)
+            assert len(set(calls.per_block)) == 1, calls.per_block  # one plan for all blocks
+            plans[units[calls.per_block[0]]] += 1
+    return plans
+
+
 def test_global_drop_path_keeps_one_column_for_the_whole_network():
     torch.manual_seed(1)
     model = FractalNet(**SMALL).train()
-    x = torch.randn(4, 3, 16, 16)
+    plans = drop_path_plans(model, passes=300)
+    global_passes = sum(n for plan, n in plans.items() if plan != "local")
+    assert 0.4 <= global_passes / 300 <= 0.6, plans  # half the mini-batches (Larsson: 50/50)
+    for k in (1, 2, 3):  # each column, the deepest included, about equally often
+        assert 0.25 <= plans[f"column {k}"] / global_passes <= 0.42, plans
+    # and a global pass computes what that column alone computes
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         columns = [model(x, column=k) for k in (1, 2, 3)]
-    train = outputs(model, x, times=30)
-    single_column = sum(any(torch.allclose(out, c) for c in columns) for out in train)
-    assert 5 <= single_column <= 29  # ~half the mini-batches (global), not all of them
+        train = [model(x) for _ in range(40)]
+    assert sum(any(torch.allclose(out, c) for c in columns) for out in train) >= 10
 
 
 def test_local_drop_path_never_runs_a_single_column_for_every_block():
     torch.manual_seed(2)
     model = FractalNet(**{**SMALL, "drop_path": "local"}).train()
+    assert drop_path_plans(model, passes=200) == {"local": 200}
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         full = model.eval()(x)
         model.train()
-    train = outputs(model, x, times=20)
-    assert sum(torch.allclose(out, full) for out in train) >= 1  # nothing dropped sometimes
-    assert sum(not torch.allclose(out, full) for out in train) >= 1
+    train = outputs(model, x, times=40)
+    # p = 0.15 per join input: some passes drop nothing, most drop something
+    assert 1 <= sum(torch.allclose(out, full) for out in train) <= 20
+    assert sum(not torch.allclose(out, full) for out in train) >= 20
 
 
 def test_without_drop_path_training_outputs_are_deterministic():

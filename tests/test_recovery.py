@@ -4,52 +4,15 @@ closes its MLflow run, trains the point again and completes the grid with no dup
 from __future__ import annotations
 
 import collections
-import os
 import signal
 
 import pytest
-import yaml
-from conftest import StudyDir, write_config
-
-
-def finished_points(trials) -> collections.Counter:
-    return collections.Counter(t.params["variant"] for t in trials if t.state.is_finished()
-                               and t.user_attrs.get("reason") != "worker lost")
-
-
-def kill_mid_trial_then_resume(study: StudyDir, config, *argv: str) -> None:
-    study_name = yaml.safe_load(config.read_text())["study_name"]
-    proc = study.popen("--config", str(config), *argv)
-    run_id = study.wait_for_running_trial(proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert study.client().get_run(run_id).info.status == "RUNNING"  # nobody closed it yet
-
-    resumed = study.run("--config", str(config), *argv)
-    assert resumed.returncode == 0, resumed.stderr
-
-    lost_run = study.client().get_run(run_id)
-    assert lost_run.info.status == "KILLED"
-    assert lost_run.data.tags["fractal.state"] == "FAIL"
-    assert lost_run.data.tags["fractal.reason"] == "worker lost"
-    trials = study.optuna_trials(study_name)
-    # by the run's trial-number tag: the kill may land before the trial recorded its run ID
-    lost = [t for t in trials if t.number == int(lost_run.data.tags["optuna.trial_number"])]
-    assert len(lost) == 1 and lost[0].state.name == "FAIL"
-    assert lost[0].user_attrs["reason"] == "worker lost"
-    points = finished_points(trials)
-    assert set(points.values()) == {1} and len(points) == 3  # every point once, the lost one too
-    assert lost[0].params["variant"] in points
-    assert not study.running_trial_runs()
+from conftest import LONG_TRIAL, StudyDir, finished_points, kill_mid_trial_then_resume, write_config
 
 
 @pytest.mark.slow
 def test_kill_9_with_the_local_store(study_dir: StudyDir):
-    config = write_config(study_dir.root / "tiny.yaml",
-                          space={"blocks": [2], "columns": [2], "width": [16],
-                                 "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
-                          training={"epochs": 3})
+    config = write_config(study_dir.root / "tiny.yaml", **LONG_TRIAL)
     kill_mid_trial_then_resume(study_dir, config, *study_dir.args())
 
 
@@ -104,12 +67,9 @@ def test_a_worker_taken_for_lost_drops_that_trial_and_carries_on(study_dir: Stud
     the dropped trial is closed."""
     import optuna
 
-    config = write_config(study_dir.root / "tiny.yaml", study_name="taken",
-                          space={"blocks": [2], "columns": [2], "width": [16],
-                                 "unit": ["conv-norm-act", "conv-act-norm"]},
-                          training={"epochs": 3})
+    config = write_config(study_dir.root / "tiny.yaml", study_name="taken", **LONG_TRIAL)
     proc = study_dir.popen("--config", str(config), *study_dir.args())
-    run_id = study_dir.wait_for_running_trial(proc)
+    run_id = study_dir.wait_for_running_trial(proc, epochs=1)
     study = study_dir.optuna_study("taken")
     running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     assert len(running) == 1
@@ -141,14 +101,13 @@ def test_a_tracking_server_that_goes_away_stops_the_worker_and_the_point_is_trai
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, not after minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
+    # long enough that the trial still trains while the server stops (a few seconds)
     config = write_config(tmp_path / "tiny.yaml", study_name="outage",
-                          space={"blocks": [2], "columns": [2], "width": [16],
-                                 "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
-                          training={"epochs": 6})
+                          **{**LONG_TRIAL, "training": {"epochs": 150}})
     with mlflow_server(backend, artifacts) as uri:
         study = StudyDir(tmp_path, tracking_uri=uri)
         proc = study.popen("--config", str(config), *study.args())
-        orphan = study.wait_for_running_trial(proc)
+        orphan = study.wait_for_running_trial(proc, epochs=1)
     out, err = proc.communicate(timeout=300)  # the server is gone now
 
     assert proc.returncode == 1, err
@@ -172,5 +131,86 @@ def test_a_tracking_server_that_goes_away_stops_the_worker_and_the_point_is_trai
     trials = study.optuna_trials("outage")
     points = collections.Counter(t.params["variant"] for t in trials
                                  if t.user_attrs.get("reason") != "tracking store unavailable")
-    assert len(points) == 3 and set(points.values()) == {1}  # the lost point was trained again
+    assert len(points) == 2 and set(points.values()) == {1}  # the lost point was trained again
     assert failed[0].params["variant"] in points
+
+
+def test_the_heartbeat_refreshes_while_the_trial_runs(tmp_path, monkeypatch):
+    """A worker on another host is judged by its heartbeat alone: it must keep beating."""
+    import time
+
+    import optuna
+
+    from fractal_mlops.storage import open_storage, resolve_storage
+    from fractal_mlops.study import Heartbeat
+
+    monkeypatch.setenv("FRACTAL_HEARTBEAT_SECONDS", "0.1")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None))
+    study = optuna.create_study(storage=storage, study_name="beats", direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("heartbeat", 0.0)
+    seen = set()
+    with Heartbeat(study, trial._trial_id):
+        deadline = time.monotonic() + 30
+        while len(seen - {0.0}) < 3 and time.monotonic() < deadline:
+            seen.add(study.get_trials()[0].user_attrs["heartbeat"])
+            time.sleep(0.05)
+    assert len(seen - {0.0}) >= 3, seen  # beat after beat, not once
+    stopped = study.get_trials()[0].user_attrs["heartbeat"]
+    time.sleep(0.5)
+    assert study.get_trials()[0].user_attrs["heartbeat"] == stopped  # and stops with the trial
+
+
+def _other_host_command() -> list[str]:
+    """A prefix that runs a command under another host name (a UTS namespace: needs root)."""
+    import shutil
+    import subprocess
+
+    from servers import missing_tool
+
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "--uts", "true"], capture_output=True).returncode == 0:
+        return [unshare, "--uts", "sh", "-c", 'hostname far-host && exec "$@"', "sh"]
+    missing_tool("running a worker under another host name needs `unshare --uts` (root)")
+    return []
+
+
+@pytest.mark.slow
+def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyDir, monkeypatch):
+    """A worker under another host name trains past the grace period; its heartbeat keeps its
+    trial alive for the other workers, which must not train its point a second time."""
+    import subprocess
+    import sys
+    import time
+
+    from fractal_mlops.study import recover_lost_trials
+    from fractal_mlops.tracking import Tracker
+
+    config = write_config(study_dir.root / "far.yaml", study_name="far",
+                          space={"blocks": [1], "columns": [2], "width": [8],
+                                 "unit": ["conv-norm-act"]}, training={"epochs": 2000})
+    env = {**study_dir.env(), "FRACTAL_HEARTBEAT_SECONDS": "0.5", "FRACTAL_HEARTBEAT_GRACE": "2"}
+    far = subprocess.Popen(
+        [*_other_host_command(), sys.executable, "-m", "fractal_mlops.study", "--config",
+         str(config), *study_dir.args()], cwd=study_dir.root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        study_dir.wait_for_running_trial(far, epochs=1)
+        [trial] = study_dir.optuna_trials("far")
+        assert trial.user_attrs["worker"].startswith("far-host:")
+        while time.time() - trial.datetime_start.timestamp() < 3 * 2:  # well past the grace
+            assert far.poll() is None, far.communicate()[1]
+            time.sleep(0.2)
+        monkeypatch.setenv("FRACTAL_HEARTBEAT_SECONDS", "0.5")  # this host: the same settings
+        monkeypatch.setenv("FRACTAL_HEARTBEAT_GRACE", "2")
+        lost = recover_lost_trials(study_dir.optuna_study("far"),
+                                   Tracker(study_dir.tracking_uri, "far"))
+        assert lost == []
+        [trial] = study_dir.optuna_trials("far")
+        assert trial.state.name == "RUNNING"
+    finally:
+        far.send_signal(signal.SIGINT)
+        far.communicate(timeout=120)
+    [trial] = study_dir.optuna_trials("far")
+    assert trial.user_attrs["reason"] == "interrupted"  # ended by us, never taken for lost

@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import StudyDir, write_config
+from conftest import LONG_TRIAL, StudyDir, kill_mid_trial_then_resume, write_config
 from servers import PG_PASSWORD
-from test_recovery import kill_mid_trial_then_resume
 
 TINY_SPACE = {"blocks": [1], "columns": [1, 2], "width": [8],
               "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]}
@@ -36,8 +35,8 @@ def test_three_workers_with_separate_environments_share_one_study(
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FRACTAL_"))}
         env.update(FRACTAL_STORAGE=storage, MLFLOW_TRACKING_URI=server.uri,
                    FRACTAL_MLOPS_CACHE=str(home / "cache"), FRACTAL_THREADS="1", HOME=str(home))
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "fractal_mlops.study", "--config", str(config)],
+        workers.append(subprocess.Popen(  # 2 points each: the split does not hang on scheduling
+            [sys.executable, "-m", "fractal_mlops.study", "--config", str(config), "--n-trials", "2"],
             cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [w.communicate(timeout=900) for w in workers]
     for index, (worker, (out, err)) in enumerate(zip(workers, outputs, strict=True)):
@@ -53,7 +52,8 @@ def test_three_workers_with_separate_environments_share_one_study(
     record = [(t.number, t.params["variant"], t.state.name, t.user_attrs.get("reason"),
                t.user_attrs.get("worker")) for t in trials]
     assert len(points) == 6 and set(points.values()) == {1}, record  # every point exactly once
-    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the grid was split
+    per_worker = collections.Counter(t.user_attrs["worker"] for t in trials)
+    assert sorted(per_worker.values()) == [2, 2, 2], per_worker  # the grid was split three ways
 
     client = mlflow.MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("three-workers")
@@ -79,8 +79,42 @@ def test_three_workers_with_separate_environments_share_one_study(
 def test_kill_9_with_postgres_and_a_tracking_server(tmp_path, postgres, mlflow_server_on_postgres):
     study = StudyDir(tmp_path, tracking_uri=mlflow_server_on_postgres.uri,
                      storage=postgres.optuna_url)
-    config = write_config(tmp_path / "tiny.yaml", study_name="kill-9-postgres",
-                          space={"blocks": [2], "columns": [2], "width": [16],
-                                 "unit": ["conv-norm-act", "conv-act-norm", "norm-act-conv"]},
-                          training={"epochs": 3})
+    config = write_config(tmp_path / "tiny.yaml", study_name="kill-9-postgres", **LONG_TRIAL)
     kill_mid_trial_then_resume(study, config, *study.args())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["PGPASSWORD", ".pgpass"])
+def test_the_password_reaches_every_worker_through_libpq_never_a_command_line(
+        tmp_path, postgres, how):
+    """`--storage` without a password, `--workers 2`: the workers connect with the password
+    from PGPASSWORD or ~/.pgpass, and it appears in no output and no MLflow record."""
+    import mlflow
+
+    name = f"libpq-{how.strip('.').lower()}"
+    storage = f"postgresql+psycopg://{postgres.user}@{postgres.host}:{postgres.port}/optuna"
+    home = tmp_path / "home"
+    home.mkdir()
+    study = StudyDir(tmp_path, storage=storage)
+    env = {**study.env(), "HOME": str(home)}
+    env.pop("PGPASSWORD", None)
+    if how == "PGPASSWORD":
+        env["PGPASSWORD"] = PG_PASSWORD
+    else:
+        pgpass = home / ".pgpass"
+        pgpass.write_text(f"{postgres.host}:{postgres.port}:optuna:{postgres.user}:{PG_PASSWORD}\n")
+        pgpass.chmod(0o600)
+    config = write_config(tmp_path / "grid.yaml", study_name=name, space=TINY_SPACE,
+                          training={"epochs": 1})
+    proc = subprocess.run([sys.executable, "-m", "fractal_mlops.study", "--config", str(config),
+                           *study.args("--workers", "2", "--n-trials", "2")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "[worker 1]" in proc.stdout and "[worker 2]" in proc.stdout
+    assert PG_PASSWORD not in proc.stdout + proc.stderr
+    client = mlflow.MlflowClient(study.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert len([r for r in runs if r.data.tags["fractal.role"] == "trial"]) == 2
+    for run in runs:
+        assert not any(PG_PASSWORD in v for v in [*run.data.params.values(),
+                                                   *run.data.tags.values()])

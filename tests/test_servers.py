@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -116,11 +119,66 @@ def test_mlflow_server_failure_shows_its_log(tmp_path: Path):
 
 def test_cluster_is_stopped_and_removed_on_exit():
     import psycopg
-    from servers import postgres_cluster
+    from servers import postgres_cluster, require_postgres
 
+    require_postgres()
     with postgres_cluster(databases=("only",)) as cluster:
         url = cluster.url("only", driver=None)
         psycopg.connect(url).close()
     assert not cluster.data_dir.parent.exists()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=2)
+
+
+OUTCOMES = (pytest.fail.Exception, pytest.skip.Exception)
+
+
+@pytest.mark.parametrize("ci", ["true", "TRUE", "1", "", "false", None])
+def test_a_missing_tool_skips_the_test_except_in_ci(ci, monkeypatch):
+    from servers import missing_tool
+
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci in ("true", "TRUE", "1") else pytest.skip.Exception
+    with pytest.raises(OUTCOMES) as raised:  # both, so a wrong skip cannot skip this test
+        missing_tool("initdb not found")
+    assert raised.type is outcome and "initdb not found" in str(raised.value)
+
+
+# A pytest run in which PostgreSQL's binaries cannot be found (neither on PATH nor under
+# /usr/lib/postgresql: the conftest hides both), with the two fixtures that need them.
+HIDDEN_POSTGRES_CONFTEST = """
+import glob
+import shutil
+
+pytest_plugins = ["servers"]
+shutil.which = lambda name: None
+glob.glob = lambda pattern: []
+"""
+HIDDEN_POSTGRES_TESTS = """
+def test_cluster(postgres):
+    pass
+
+def test_server(mlflow_server_on_postgres):
+    pass
+"""
+
+
+@pytest.mark.parametrize("ci", ["true", "false"])
+def test_postgres_fixtures_fail_in_ci_where_postgresql_is_not_installed(ci, tmp_path):
+    (tmp_path / "conftest.py").write_text(HIDDEN_POSTGRES_CONFTEST)
+    (tmp_path / "test_needs_postgres.py").write_text(HIDDEN_POSTGRES_TESTS)
+    tests_dir = str(Path(__file__).resolve().parent)
+    pythonpath = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "CI": ci, "PYTHONPATH": pythonpath},
+        capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert "'initdb' not found" in output, output
+    if ci == "true":
+        assert result.returncode == 1 and "2 errors" in output, output
+    else:
+        assert result.returncode == 0 and "2 skipped" in output, output

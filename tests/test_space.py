@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -81,7 +82,10 @@ def test_paper_grid_variants_are_all_distinct_networks(monkeypatch):
     for layer in (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.modules.batchnorm._NormBase):
         monkeypatch.setattr(layer, "reset_parameters", lambda self: None)
     variants = grid_json("--config", str(EXPERIMENTS / "paper_cifar10.yaml"))
-    assert len(variants) >= 1200
+    promised = re.search(r"the paper's space at scale: ([\d,]+) distinct",
+                         " ".join((EXPERIMENTS.parent / "README.md").read_text().split()))
+    assert promised, "README no longer states the paper grid's size"
+    assert len(variants) == int(promised.group(1).replace(",", ""))  # exactly what README says
     assert len({v["name"] for v in variants}) == len(variants)
     fingerprints = {}
     with torch.device("meta"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -46,7 +47,9 @@ def learned(result: EpochResult) -> dict[str, float]:
 def test_a_reasonable_variant_learns_digits(digits):
     settings = TrainConfig(epochs=4, batch_size=32, lr=0.1, momentum=0.9, seed=0)
     trainer = Trainer(REASONABLE, digits, settings)
+    started = time.perf_counter()
     results = list(trainer.epochs())
+    wall = time.perf_counter() - started
     assert [r.epoch for r in results] == [1, 2, 3, 4]
     assert max(r.val_acc for r in results) >= 0.90
     assert results[-1].train_loss < results[0].train_loss
@@ -60,7 +63,9 @@ def test_a_reasonable_variant_learns_digits(digits):
         assert 0.0 <= metrics["val_acc"] <= 1.0 and 0.0 <= metrics["train_acc"] <= 1.0
         assert metrics["epoch_seconds"] > 0 and metrics["images_per_second"] > 0
         assert metrics["host_mem_peak_mb"] > 50  # the training process's resident memory
-    assert trainer.train_seconds >= sum(r.epoch_seconds for r in results) * 0.99
+    # training time in seconds: a part of the wall time around it (evaluation is not in it)
+    assert 0 < trainer.train_seconds <= wall
+    assert trainer.train_seconds > 0.2 * wall
 
     columns = trainer.column_accuracies()
     assert sorted(columns) == [1, 2]

@@ -1,0 +1,228 @@
+"""Train one rung of one grid point (search.mode: halving; the rungs are planned in halving.py).
+
+The point's MLflow run goes on across rungs: the model, optimizer and RNG state at the end of a
+rung are the run's artifact `halving/checkpoint.pt`, which the next rung loads, so the epochs
+of a promoted point equal those of an unbroken run and none is trained twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from .halving import Rung, RungWork, finished_points, next_work
+from .runner import TrialOutcome, TrialStopped, divergence_reason, trial_config_yaml, trial_params
+
+if TYPE_CHECKING:
+    from .console import StudyProgress
+    from .space import Variant
+    from .study import TrialContext
+
+CHECKPOINT_DIR, CHECKPOINT_FILE = "halving", "checkpoint.pt"
+
+
+def claim_and_run_rung(ctx: TrialContext, progress: StudyProgress) -> bool:
+    """Claim the next rung of a point and train it; False when the study is done."""
+    work = next_work(ctx, progress)
+    if work is None:
+        return False
+    run_rung(ctx, work, progress)
+    return True
+
+
+def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None:
+    """Train `work.trial`'s point through `work.rung`, continuing its run from its checkpoint.
+    Ends WAITING (rung done), or COMPLETE (last rung), PRUNED (diverged) or FAIL. Called with
+    interrupts held (see halving.next_work): they wait until the run is open and recorded."""
+    from .study import Heartbeat, _one_line
+    from .tracking import is_tracking_outage
+
+    trial, variant, rung = work.trial, work.variant, work.rung
+    progress.trial_started(finished_points(ctx.study) + 1, len(ctx.variants), trial.number,
+                           variant.name)
+    outcome, run_id = TrialOutcome(), None
+    try:
+        run_id = _open_run(ctx, trial, variant)
+    except BaseException as exc:
+        ctx.interrupts.release(raise_pending=False)
+        _stop(ctx, trial, run_id, exc)
+    try:
+        ctx.interrupts.release()  # raises a Ctrl-C that came since the claim
+        with Heartbeat(ctx.study, trial._trial_id):
+            _train(ctx, trial, variant, run_id, work, outcome, progress)
+        state, reason = ("COMPLETE", None) if work.last_rung else ("WAITING", None)
+    except TrialStopped as stopped:
+        state, reason = "PRUNED", str(stopped)
+    except KeyboardInterrupt as exc:
+        _stop(ctx, trial, run_id, exc)
+    except Exception as exc:  # noqa: BLE001 - any error fails this point, the study goes on
+        if is_tracking_outage(exc):
+            _stop(ctx, trial, run_id, exc)
+        state, reason = "FAIL", _one_line(exc)
+    with ctx.interrupts.deferred():
+        if state == "WAITING":
+            _end_rung(ctx, trial, run_id, rung, outcome)
+            state, reason = f"RUNG {rung.number}", (f"trained to epoch {rung.epochs}, waits for "
+                                                    "the rung's ranking")
+        else:
+            _finish(ctx, trial, run_id, state, reason, outcome)
+    progress.trial_done(finished_points(ctx.study), trial.number, variant.name, state,
+                        outcome.last_val_acc, reason)
+    ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
+
+
+def _open_run(ctx: TrialContext, trial, variant: Variant) -> str:
+    """The point's MLflow run: started on its first rung, reopened on the next ones."""
+    import torch
+
+    config = ctx.settings.config
+    run_id = ctx.study._storage.get_trial_user_attrs(trial._trial_id).get("mlflow_run_id")
+    if run_id is not None:
+        ctx.tracker.client.update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = ctx.tracker.start_trial(
+        ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
+        trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
+        trial_config_yaml(variant, config), config.sha256, ctx.data)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    return run_id
+
+
+def _stop(ctx: TrialContext, trial, run_id: str | None, exc: BaseException) -> NoReturn:
+    """Interrupted, or MLflow is down: the point goes back to WAITING and resumes its rung on
+    the next run; the worker stops."""
+    from .study import TrackingUnavailable, _one_line
+    from .tracking import is_tracking_outage
+
+    with ctx.interrupts.deferred():
+        _pause(ctx, trial, run_id)
+    if isinstance(exc, Exception) and is_tracking_outage(exc):
+        raise TrackingUnavailable(
+            f"MLflow could not record trial {trial.number} ({_one_line(exc)}); it resumes its "
+            "rung when you run the same command again") from None
+    raise exc
+
+
+def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | None,
+            outcome: TrialOutcome) -> None:
+    """Close the MLflow run first, then tell Optuna (as study._finish)."""
+    import optuna
+
+    from .tracking import redact
+
+    ctx.tracker.finish_trial(run_id, state, reason, outcome.metrics())
+    if reason:
+        trial.set_user_attr("reason", redact(reason))
+    if outcome.param_count is not None:
+        trial.set_user_attr("param_count", outcome.param_count)
+    if state == "COMPLETE":
+        ctx.study.tell(trial, outcome.last_val_acc)
+    else:
+        ctx.study.tell(trial, state=getattr(optuna.trial.TrialState, state))
+
+
+def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWork,
+           outcome: TrialOutcome, progress: StudyProgress) -> None:
+    """runner.train_and_log for the epochs of one rung, with Optuna's report and pruner."""
+    from .train import Trainer
+
+    config, tracker, data = ctx.settings.config, ctx.tracker, ctx.data
+    trainer = Trainer(variant.to_dict(), data, config.training, ctx.device,
+                      flip=config.data.use_flip)
+    outcome.param_count = trainer.param_count
+    saved = _load_checkpoint(tracker, run_id)
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
+        outcome.last_val_acc, outcome.best_val_acc = saved["last_val_acc"], saved["best_val_acc"]
+        outcome.train_seconds = trainer.train_seconds
+    chance = 1.0 / data.num_classes
+    for result in trainer.epochs(stop=work.rung.epochs):
+        tracker.log_epoch(run_id, result)
+        outcome.train_seconds = trainer.train_seconds
+        if result.stop_reason:
+            raise TrialStopped(result.stop_reason)
+        outcome.last_val_acc = result.val_acc
+        outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+        progress.epoch_done(result.epoch, result.val_acc, variant.name)
+        trial.report(result.val_acc, result.epoch)
+        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
+        if reason is None and trial.should_prune():
+            reason = (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
+                      f"{result.epoch} is below the other trials'")
+        if reason:
+            raise TrialStopped(reason)
+    if not work.last_rung:
+        _save_checkpoint(tracker, run_id, {"trainer": trainer.state_dict(),
+                                           "last_val_acc": outcome.last_val_acc,
+                                           "best_val_acc": outcome.best_val_acc})
+        return
+    outcome.final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
+                     "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
+    outcome.final.update({f"val_acc_column_{k}": acc
+                          for k, acc in trainer.column_accuracies().items()})
+    tracker.log_model(run_id, trainer.model, tuple(data.train_x.shape[1:]), data.num_classes)
+
+
+def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, outcome: TrialOutcome) -> None:
+    """Record the rung's result, then let the point wait (in this order: see `_rank...`)."""
+    from optuna.trial import TrialState
+
+    storage = ctx.study._storage
+    for key, value in (("best_val_acc", outcome.best_val_acc), ("param_count", outcome.param_count),
+                       ("train_seconds", outcome.train_seconds),
+                       (f"rung_{rung.number}_val_acc", outcome.last_val_acc),
+                       ("rung_done", rung.number)):
+        storage.set_trial_user_attr(trial._trial_id, key, value)
+    storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    ctx.tracker.client.set_tag(run_id, "fractal.rung", str(rung.number))
+    ctx.tracker.client.update_run(run_id, status="SCHEDULED")
+
+
+def _pause(ctx: TrialContext, trial, run_id: str | None) -> None:
+    """Interrupted: the point goes back to WAITING and resumes its rung on the next run."""
+    from optuna.trial import TrialState
+
+    with contextlib.suppress(Exception):
+        ctx.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    if run_id is not None:
+        with contextlib.suppress(Exception):  # the tracking store may be the one that is down
+            ctx.tracker.client.update_run(run_id, status="SCHEDULED")
+
+
+def _save_checkpoint(tracker, run_id: str, state: dict) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        torch.save(state, path)
+        tracker.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
+
+
+def _load_checkpoint(tracker, run_id: str) -> dict | None:
+    import torch
+
+    names = [a.path for a in tracker.client.list_artifacts(run_id, CHECKPOINT_DIR)]
+    if f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as folder, _no_progress_bar():
+        path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
+                                                 folder)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a download bar per artifact: noise between the study's own lines."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = before

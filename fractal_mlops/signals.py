@@ -1,0 +1,61 @@
+"""Ctrl-C and SIGTERM that never cut a record in half.
+
+A worker turns SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt (workers.Stopped, which keeps
+the signal's number for the exit code), which its trial loop catches to close the running trial
+(MLflow run KILLED, Optuna trial FAIL "interrupted"). While a record is being written (a grid
+point claimed but its run not yet started, a run being closed) an interrupt would leave the
+trial RUNNING with nobody to close it, so there the signal is only noted, and
+raised where the loop can handle it: when the hold is released, or by the next signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+from .workers import STOP_SIGNALS, Stopped  # SIGINT, SIGTERM, SIGHUP
+
+
+class InterruptGuard:
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending = False
+        self._signum = signal.SIGINT
+
+    def install(self) -> InterruptGuard:
+        """Route SIGINT and SIGTERM through this guard (call once, in the main thread)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signum = signum
+        if self._depth:
+            self._pending = True
+            return
+        raise Stopped(signum)
+
+    def hold(self) -> None:
+        """From now on a signal waits for `release()`; holds nest."""
+        self._depth += 1
+
+    def release(self, raise_pending: bool = True) -> None:
+        """End one hold; the last one raises the interrupt that came meanwhile."""
+        self._depth -= 1
+        if raise_pending:
+            self.raise_pending()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A hold for a block; a signal that came meanwhile waits for `raise_pending()`."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release(raise_pending=False)
+
+    def raise_pending(self) -> None:
+        if self._pending and not self._depth:
+            self._pending = False
+            raise Stopped(self._signum)
