@@ -103,7 +103,7 @@ def test_a_fixed_config_reruns_under_the_same_name_when_nothing_was_trained(tmp_
                         space={"columns": [3], "width": [256], "unit": ["conv-norm-act"]},
                         training={"epochs": 1}, data={"name": "digits"})
     proc = study.popen("--config", str(slow), *study.args("--n-trials", "1"))
-    study.wait_for_running_trial(proc)
+    study.wait_for_running_trial(proc, epochs=0)  # before its first epoch ends
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

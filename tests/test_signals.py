@@ -5,6 +5,7 @@ left running, and the next run resumes. Real CLI processes on real stores."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -35,8 +36,11 @@ def wait_for_training_trials(study: StudyDir, proc, name: str, count: int,
     instant between a trial's claim and its training is run_trial's own concern.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(study.running_trial_runs()) >= count and sum(
-                bool(t.intermediate_values) for t in study.optuna_trials(name)) >= count:
+        try:
+            epochs = study.running_trial_epochs()
+        except (AssertionError, sqlite3.OperationalError):  # no store yet, or busy
+            epochs = {}
+        if sum(n >= 1 for n in epochs.values()) >= count:
             return
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
