@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -195,16 +196,34 @@ def resolve_config_path(path: str | None) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | None = None) -> ExperimentConfig:
     resolved = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(resolved.read_text())
+        raw = yaml.load(resolved.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {resolved}: {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"config {resolved} is not valid YAML{line}") from None
+        problem = getattr(exc, "problem", None)
+        why = f": {' '.join(str(problem).split())}" if problem and "twice" in str(problem) else ""
+        raise ConfigError(f"config {resolved} is not valid YAML{line}{why}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -236,12 +255,25 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
                             run, source)
 
 
+# The study name is also the MLflow experiment name (at most 256 characters in its SQL store)
+# and, made safe, a folder name under the artifact root (at most 255 bytes on most file systems).
+MAX_NAME_BYTES = 200
+
+
 def check_study_name(name: Any) -> str:
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # `study_name: 2024` in YAML
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("study_name must be a non-empty string")
-    if any(quote in name for quote in "'\"`"):
-        raise ConfigError(f"study_name {name!r} must not contain quotes")
-    return name.strip()
+    name = name.strip()
+    if any(quote in name for quote in "'\"`\\"):
+        raise ConfigError(f"study_name {name[:60]!r} must not contain quotes or backslashes")
+    if not name.isprintable():
+        raise ConfigError(f"study_name {name[:60]!r} must not contain control characters")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ConfigError(f"study_name is {len(name.encode())} bytes long; the stores take at "
+                          f"most {MAX_NAME_BYTES} (it names the MLflow experiment and a folder)")
+    return name
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
@@ -258,17 +290,39 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**values)
 
 
+# YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`) and `off` / `no` as false:
+# take the number, and the "off" word of the settings that have one.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_OFF_WORDS = {"training.amp": "off", "pruning.pruner": "none"}
+
+
+def yaml_number(value: Any) -> Any:
+    """'1e-3' -> 0.001; anything else unchanged."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _coerce(value: Any, annotation: str, where: str) -> Any:
     kinds = annotation.replace(" ", "").split("|")
     if value is None:
         if "None" in kinds:
             return None
         raise ConfigError(f"{where} must not be empty")
+    if "bool" not in kinds and isinstance(value, bool):
+        if value is False and where in _OFF_WORDS:
+            return _OFF_WORDS[where]
+        raise ConfigError(f"{where}: YAML reads yes/no/on/off/true/false as a boolean; "
+                          f"quote the word, e.g. {where.split('.')[-1]}: '{'on' if value else 'off'}'")
+    if "str" not in kinds:
+        value = yaml_number(value)
     for kind in kinds:
         if kind == "bool" and isinstance(value, bool):
             return value
         if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if kind == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
         if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if kind == "str" and isinstance(value, str):
@@ -396,6 +450,7 @@ def _check_value(dim: str, value: Any) -> Any:
             raise ConfigError(f"{where} {value} is too many (at most {MAX_COLUMNS} columns)")
         return value
     if dim == "dropout":
+        value = yaml_number(value)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
             raise ConfigError(f"{where} values must be numbers in [0, 1), got {value!r}")
         return float(value)

@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .storage import RETRYABLE
+from .urls import redact
 
 
 def make_console() -> Console:
@@ -128,4 +129,4 @@ def elapsed_since(start: float) -> float:
 
 
 def error_line(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {redact(message)}", file=sys.stderr)

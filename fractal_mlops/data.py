@@ -11,6 +11,7 @@ per-image Python transforms in the training loop.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 from collections.abc import Iterator
@@ -167,13 +168,39 @@ def load_image_folder(root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, list
     if cache_file.exists():
         cached = torch.load(cache_file)
         return cached["x"], cached["y"], cached["classes"]
-    x = torch.from_numpy(np.stack([_decode(blob) for blob in blobs]))
+    x = torch.from_numpy(_decode_all(root, [path for _, path in files], blobs))
     y = torch.tensor([label for label, _ in files], dtype=torch.int64)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_suffix(f".tmp{os.getpid()}")
     torch.save({"x": x, "y": y, "classes": classes}, partial)
     partial.replace(cache_file)  # atomic: concurrent workers never read half a file
     return x, y, classes
+
+
+def _decode_all(root: Path, paths: list[Path], blobs: list[bytes]) -> np.ndarray:
+    """Decode every image, or refuse (ConfigError) naming the first file that is not an image
+    or has another size than most: a dataset silently missing files would not be the one
+    asked for, so they are never skipped."""
+    images, unreadable = [], []
+    for path, blob in zip(paths, blobs, strict=True):
+        try:
+            images.append(_decode(blob))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            unreadable.append((path, type(exc).__name__))
+    if unreadable:
+        path, why = unreadable[0]
+        raise ConfigError(f"{path} is not a readable image ({why}); {len(unreadable)} such "
+                          f"file(s) in {root}: remove or replace them")
+    shapes = collections.Counter(image.shape for image in images)
+    usual = shapes.most_common(1)[0][0]
+    odd = [(path, image.shape) for path, image in zip(paths, images, strict=True)
+           if image.shape != usual]
+    if odd:
+        path, shape = odd[0]
+        raise ConfigError(f"{path} is {shape[2]}x{shape[1]} pixels, the other images "
+                          f"{usual[2]}x{usual[1]}; {len(odd)} file(s) of another size in {root}: "
+                          "resize or remove them")
+    return np.stack(images)
 
 
 def _decode(blob: bytes) -> np.ndarray:

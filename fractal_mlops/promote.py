@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .cli import OneLineParser
+from .compat import mismatch
 from .config import ConfigError
 from .tracking import (
     MODEL_URI,
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
+    from .errors import EXIT_FAULT, ServerFault, exit_code_for
+    from .urls import install_redaction
+
+    install_redaction()
 
     try:
         settings = resolve_settings(args)
@@ -91,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
+    except ServerFault as exc:
+        error_line(str(exc))
+        return EXIT_FAULT
     except Exception as exc:
         message = mlflow_error_line(exc)
         if message is None:
             raise
         error_line(message)
-        return EXIT_BAD_INPUT
+        return exit_code_for(exc)  # a server's fault or an outage: 1; a refused request: 2
 
 
 @dataclass(frozen=True)
@@ -364,6 +372,12 @@ def decide(client: MlflowClient, s: PromoteSettings, best: Candidate,
         return True, "there was no champion yet"
     held = client.get_model_version(s.model_name, champion)
     value, params = _champion_metrics(client, held, s.metric)
+    other = mismatch(client, best.run, held.tags.get("source_run_id") or held.run_id)
+    if other and not s.force:  # accuracies on other data say nothing about each other
+        return False, (f"run {best.run_id} was trained on other data ({other}); "
+                       "pass --force to promote across datasets")
+    if other:
+        return True, f"--force across datasets ({other})"
     if s.force:
         return True, f"--force (version {champion} had {s.metric} {_fmt(value)})"
     if value is None:

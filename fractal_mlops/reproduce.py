@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
+    from .errors import EXIT_FAULT, ServerFault, exit_code_for
+    from .urls import install_redaction
+
+    install_redaction()
 
     try:
         if args.atol is not None and not (math.isfinite(args.atol) and args.atol >= 0):
@@ -91,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted: the reproduction run is marked FAIL (interrupted)")
         return EXIT_INTERRUPTED
+    except ServerFault as exc:
+        error_line(str(exc))
+        return EXIT_FAULT
     except Exception as exc:
         message = mlflow_error_line(exc)
         if message is None:
             raise
         error_line(message)
-        return EXIT_BAD_INPUT
+        return exit_code_for(exc)  # a server's fault or an outage: 1; a refused request: 2
 
 
 # -- what the original run recorded ----------------------------------------------------------

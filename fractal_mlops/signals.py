@@ -1,9 +1,10 @@
 """Ctrl-C and SIGTERM that never cut a record in half.
 
-A worker turns SIGINT and SIGTERM into KeyboardInterrupt, which its trial loop catches to close
-the running trial (MLflow run KILLED, Optuna trial FAIL "interrupted"). While a record is being
-written (a grid point claimed but its run not yet started, a run being closed) an interrupt
-would leave the trial RUNNING with nobody to close it, so there the signal is only noted, and
+A worker turns SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt (workers.Stopped, which keeps
+the signal's number for the exit code), which its trial loop catches to close the running trial
+(MLflow run KILLED, Optuna trial FAIL "interrupted"). While a record is being written (a grid
+point claimed but its run not yet started, a run being closed) an interrupt would leave the
+trial RUNNING with nobody to close it, so there the signal is only noted, and
 raised where the loop can handle it: when the hold is released, or by the next signal.
 """
 
@@ -13,13 +14,14 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from .workers import STOP_SIGNALS, Stopped  # SIGINT, SIGTERM, SIGHUP
 
 
 class InterruptGuard:
     def __init__(self) -> None:
         self._depth = 0
         self._pending = False
+        self._signum = signal.SIGINT
 
     def install(self) -> InterruptGuard:
         """Route SIGINT and SIGTERM through this guard (call once, in the main thread)."""
@@ -28,10 +30,11 @@ class InterruptGuard:
         return self
 
     def _on_signal(self, signum, frame) -> None:
+        self._signum = signum
         if self._depth:
             self._pending = True
             return
-        raise KeyboardInterrupt
+        raise Stopped(signum)
 
     def hold(self) -> None:
         """From now on a signal waits for `release()`; holds nest."""
@@ -55,4 +58,4 @@ class InterruptGuard:
     def raise_pending(self) -> None:
         if self._pending and not self._depth:
             self._pending = False
-            raise KeyboardInterrupt
+            raise Stopped(self._signum)

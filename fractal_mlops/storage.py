@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .outage import POSTGRES_CONNECT_ARGS
+from .repair import check_journal, repair_journal
 from .tracking import _check_sqlite_path, check_database_url, redact, sqlalchemy_url
 
 DEFAULT_JOURNAL = "mlruns/optuna.journal"
@@ -69,6 +71,7 @@ def check_storage(spec: StorageSpec) -> None:
             raise ConfigError(f"storage {spec.location}: the folder {folder} is not writable")
         if not folder.exists() and not _creatable(folder):
             raise ConfigError(f"storage {spec.location}: the folder {folder} cannot be created")
+        check_journal(Path(spec.location).expanduser())
     elif spec.location.startswith("sqlite"):
         _check_sqlite_path(spec.location, "storage")
     else:
@@ -88,6 +91,7 @@ def open_storage(spec: StorageSpec):
     if spec.kind == "journal":
         path = Path(spec.location).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         backend = optuna.storages.journal.JournalFileBackend(
             str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
         return optuna.storages.JournalStorage(backend)
@@ -96,7 +100,7 @@ def open_storage(spec: StorageSpec):
                                                                           exist_ok=True)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if spec.location.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        engine_kwargs["connect_args"] = dict(POSTGRES_CONNECT_ARGS)
     return optuna.storages.RDBStorage(spec.location, engine_kwargs=engine_kwargs)
 
 
@@ -129,7 +133,7 @@ def _advisory_lock(url: str, study_name: str) -> Iterator[None]:
 
     key = zlib.crc32(f"fractal_mlops:{study_name}".encode())
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                      connect_args={"connect_timeout": 10})
+                                      connect_args=dict(POSTGRES_CONNECT_ARGS))
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:

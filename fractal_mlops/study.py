@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
+from .errors import ServerFault, is_outage
+from .preflight import check_feasible, check_workers
+from .repair import restart_study, trained_nothing
 from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
 from .signals import InterruptGuard
 from .space import Variant, grid
@@ -42,6 +44,7 @@ from .storage import (
     worker_is_gone,
 )
 from .tracking import check_tracking_uri, is_tracking_outage, redact, resolve_tracking_uri
+from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
 
 if TYPE_CHECKING:
     import optuna
@@ -107,6 +110,9 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line, make_console
+    from .urls import install_redaction
+
+    install_redaction()
 
     try:
         settings = resolve_settings(args)
@@ -115,13 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
-    except TrackingUnavailable as exc:
+    except (TrackingUnavailable, ServerFault) as exc:
         error_line(redact(str(exc)))
         return 1
-    except KeyboardInterrupt:
-        error_line("interrupted: the running trial is marked FAIL (interrupted), or in halving "
-                   "mode waits to resume its rung; run the same command again to resume")
-        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not is_outage(exc):  # a store went away outside a trial's own handling
+            raise
+        error_line(f"a store stopped answering ({_one_line(exc)[:300]}); run the same command "
+                   "again when it is back: the running trial is then recovered")
+        return 1
+    except KeyboardInterrupt as exc:
+        if not os.environ.get("FRACTAL_WORKER_INDEX"):  # the launcher says it for its workers
+            error_line(f"interrupted ({signal_name(exc)}): running trials are marked FAIL "
+                       "(interrupted), or in halving mode wait to resume their rung; no worker "
+                       "is left running; run the same command again to resume")
+        return exit_code(exc)
 
 
 class TrackingUnavailable(Exception):
@@ -143,6 +157,7 @@ def run_worker(settings: StudySettings, console) -> int:
         torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
+    check_feasible(config, device, data, variants)
     interrupts = InterruptGuard().install()
 
     started_at = time.monotonic()
@@ -211,12 +226,16 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
         pruner=_optuna_pruner(config.pruning.pruner),
     )
     recorded = study.user_attrs.get("config_sha256")
+    if recorded not in (None, config.sha256) and trained_nothing(study):
+        study = restart_study(study, lambda: _load_or_create_study(settings, variants))
+        recorded = study.user_attrs.get("config_sha256")
     if recorded is None:
         study.set_user_attr("config_sha256", config.sha256)
         study.set_user_attr("grid_size", len(variants))
     elif recorded != config.sha256:
         raise ConfigError(f"study {settings.study_name!r} already exists with a different "
-                          "config; pass another --study-name to start a new study")
+                          "config and trained under it; pass another --study-name to start a "
+                          "new study")
     return study
 
 
@@ -563,8 +582,11 @@ def launch_workers(settings: StudySettings, console) -> int:
     from .train import resolve_device
 
     started_at = time.monotonic()
-    resolve_device(settings.device)  # bad input fails here, before any store is touched
-    load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
+    install_stop_handlers()
+    device = resolve_device(settings.device)  # bad input fails here, before any store is touched
+    data = load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
+    check_workers(settings.workers, data.train_x.nbytes + data.val_x.nbytes)
+    check_feasible(settings.config, device, data, grid(settings.config))
     study, tracker, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
     workers = settings.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -576,20 +598,16 @@ def launch_workers(settings: StudySettings, console) -> int:
         base += ["--config", settings.config.source]
     console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
                   f"[bold]{settings.study_name}[/]")
-    procs = []
-    for index in range(workers):
-        argv = list(base)
-        if settings.n_trials is not None:
-            share = settings.n_trials // workers + (index < settings.n_trials % workers)
-            if share == 0:
-                continue
-            argv += ["--n-trials", str(share)]
-        procs.append(subprocess.Popen(argv, env={**env, "FRACTAL_WORKER_INDEX": str(index + 1)}))
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        codes = [p.wait() for p in procs]  # they got the same Ctrl-C and close their trials
-        raise
+    with WorkerGroup() as group:  # a stop signal reaches every worker, once
+        for index in range(workers):
+            argv = list(base)
+            if settings.n_trials is not None:
+                share = settings.n_trials // workers + (index < settings.n_trials % workers)
+                if share == 0:
+                    continue
+                argv += ["--n-trials", str(share)]
+            group.start(argv, {**env, "FRACTAL_WORKER_INDEX": str(index + 1)})
+        codes = group.wait()
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0)

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .errors import ServerFault, is_outage, is_unique_violation
+from .outage import bound_http_retries
+from .repair import check_sqlite_file
 from .ui import (
     CUSTOM_MODEL_DEVELOPMENT,
     EXPERIMENT_KIND,
@@ -30,6 +33,7 @@ from .ui import (
     model_name,
     trial_description,
 )
+from .urls import http_auth_header, move_http_credentials, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -43,17 +47,16 @@ ROLE, STATE, REASON, VARIANT = "fractal.role", "fractal.state", "fractal.reason"
 MODEL_URI, CONFIG_SHA, REPRODUCES = "fractal.model_uri", "fractal.config_sha256", "fractal.reproduces"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?P<at>@)")
-
-
-def redact(text: str) -> str:
-    """Hide passwords inside URLs: postgresql://user:secret@host -> postgresql://user:***@host."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<at>", str(text))
 
 
 def resolve_tracking_uri(flag: str | None, configured: str | None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config, else the local SQLite store."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config, else the local SQLite store.
+    Credentials in an http(s) URI move to MLFLOW_TRACKING_USERNAME / _PASSWORD (or _TOKEN),
+    where MLflow reads them, so the URI that is shown and passed on holds none."""
+    uri = move_http_credentials(
+        flag or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI)
+    bound_http_retries(uri)  # an outage is noticed in about 30 s, not minutes
+    return uri
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -68,15 +71,35 @@ def check_tracking_uri(uri: str) -> None:
     if scheme == "sqlite":
         _check_sqlite_path(uri, "tracking URI")
     elif scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
-                response.read()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(f"cannot reach the MLflow tracking server at {redact(uri)}: "
-                              f"{redact(str(reason))}") from None
+        _check_tracking_server(move_http_credentials(uri).rstrip("/"))
     elif scheme in ("postgresql", "mysql", "mssql"):
         check_database_url(sqlalchemy_url(uri), "tracking URI")
+
+
+def _check_tracking_server(base: str) -> None:
+    """/health answers, and an authenticated read is not refused (401/403: the credentials)."""
+    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+        request = urllib.request.Request(base + path, headers=http_auth_header())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise ConfigError(
+                    f"the MLflow tracking server at {redact(base)} refused the credentials "
+                    f"(HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or put user:password@ "
+                    "in the URI") from None
+            if exc.code >= 500:
+                raise ServerFault(f"the MLflow tracking server at {redact(base)} failed: HTTP "
+                                  f"{exc.code} on {path.split('?')[0]}") from None
+            if path == "/health":
+                raise ConfigError(f"the MLflow tracking server at {redact(base)} answered "
+                                  f"HTTP {exc.code} on {path.split('?')[0]}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"cannot reach the MLflow tracking server at {redact(base)}: "
+                              f"{redact(str(reason))}") from None
 
 
 def check_existing_store(uri: str) -> None:
@@ -115,6 +138,8 @@ def _check_sqlite_path(url: str, what: str) -> None:
         raise ConfigError(f"{what} {url!r}: the folder {parent} is not writable")
     if not parent.exists() and not _creatable(parent):
         raise ConfigError(f"{what} {url!r}: the folder {parent} does not exist and cannot be created")
+    flag = "--tracking-uri" if what == "tracking URI" else "--storage"
+    check_sqlite_file(Path(path).expanduser(), f"{what} file", flag)
 
 
 def _creatable(folder: Path) -> bool:
@@ -438,22 +463,11 @@ def mlflow_error_line(exc: BaseException) -> str | None:
 def is_tracking_outage(exc: BaseException) -> bool:
     """Is MLflow unreachable (the server, or the database behind it), rather than refusing
     one request? (A refused request fails its trial; an outage stops the worker.)"""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, requests.exceptions.RequestException):
-        return True
-    if not isinstance(exc, MlflowException):
-        return False
-    text = str(exc)
-    return (("API request to" in text and "failed with exception" in text)
-            or re.search(r"failed with error code 5\d\d", text) is not None
-            or "OperationalError" in text or "database is locked" in text)
+    return is_outage(exc)
 
 
 def _is_unique_violation(exc: Exception) -> bool:
-    text = str(exc)
-    return "UNIQUE constraint failed" in text or "duplicate key value" in text
+    return is_unique_violation(exc)
 
 
 def _pip_requirements() -> list[str]:
