@@ -124,7 +124,7 @@ def test_http_tracking_uri_with_user_and_password_works_and_is_never_shown(tmp_p
         proc = study.run("--config", str(config), *study.args("--n-trials", "1"))
         assert proc.returncode == 0, proc.stderr
         assert admin_password not in proc.stdout + proc.stderr
-        assert f"open {uri}" in proc.stdout  # the UI line, without credentials
+        assert f"\n  {uri}/#/experiments/" in proc.stdout  # the UI URL, without credentials
 
         from mlflow import MlflowClient
 
