@@ -24,7 +24,7 @@ class InterruptGuard:
         self._signum = signal.SIGINT
 
     def install(self) -> InterruptGuard:
-        """Route SIGINT and SIGTERM through this guard (call once, in the main thread)."""
+        """Route the stop signals through this guard (call once, in the main thread)."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
         return self
