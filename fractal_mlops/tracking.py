@@ -12,6 +12,7 @@ import fcntl
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -187,19 +188,59 @@ def git_commit() -> str | None:
     return None
 
 
+_STORE_LOCKS: dict[Path, tuple[threading.RLock, list[int]]] = {}
+
+
 @contextlib.contextmanager
-def _sqlite_init_lock(uri: str) -> Iterator[None]:
+def _sqlite_lock(uri: str) -> Iterator[None]:
+    """One process at a time on a SQLite store (a no-op for any other store). Re-entrant, so
+    a locked section may call the locked client."""
     if not uri.startswith("sqlite:///"):
         yield
         return
-    db = Path(uri.split(":///", 1)[1]).expanduser()
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init-lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    db = Path(uri.split(":///", 1)[1]).expanduser().resolve()
+    lock, depth = _STORE_LOCKS.setdefault(db, (threading.RLock(), [0]))
+    with lock:
+        if depth[0]:
+            depth[0] += 1
+            try:
+                yield
+            finally:
+                depth[0] -= 1
+            return
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            depth[0] = 1
+            try:
+                yield
+            finally:
+                depth[0] = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _OneWriterAtATime:
+    """An MlflowClient whose calls take the SQLite store's lock, one process at a time.
+
+    MLflow's SQL store reads, then writes, in one deferred transaction (log_batch updates the
+    latest metrics). When two workers do that at the same moment, SQLite cannot upgrade both
+    read locks and answers "database is locked" at once, whatever the busy timeout: two
+    workers closing their trials together after a Ctrl-C hit that. Calls are short, so taking
+    turns costs nothing a user notices.
+    """
+
+    def __init__(self, client: MlflowClient, uri: str) -> None:
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _sqlite_lock(self._uri):
+                return attr(*args, **kwargs)
+        return call
 
 
 class Tracker:
@@ -215,7 +256,9 @@ class Tracker:
         # log_model and pyfunc loading go through MLflow's process-wide settings
         mlflow.set_tracking_uri(tracking_uri)
         self.client: MlflowClient = mlflow.MlflowClient(tracking_uri)
-        with _sqlite_init_lock(tracking_uri):  # first use creates the tables: one process at a time
+        if tracking_uri.startswith("sqlite:///"):
+            self.client = _OneWriterAtATime(self.client, tracking_uri)  # type: ignore[assignment]
+        with _sqlite_lock(tracking_uri):  # first use creates the tables: one process at a time
             self.experiment_id = self._experiment(experiment_name)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit()
@@ -334,12 +377,13 @@ class Tracker:
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         record = self._record(run_id)
         # Named after the variant, with the trial's params, so the Models tab tells them apart
-        info = mlflow.pytorch.log_model(
-            model.eval().cpu(), name=model_name(record.variant) if record else "model",
-            run_id=run_id, signature=signature, serialization_format="pickle",
-            pip_requirements=_pip_requirements(), params=record.params if record else None,
-            tags={VARIANT: record.variant} if record else None,
-        )
+        with _sqlite_lock(self.uri):  # MLflow's own calls, not through self.client
+            info = mlflow.pytorch.log_model(
+                model.eval().cpu(), name=model_name(record.variant) if record else "model",
+                run_id=run_id, signature=signature, serialization_format="pickle",
+                pip_requirements=_pip_requirements(), params=record.params if record else None,
+                tags={VARIANT: record.variant} if record else None,
+            )
         if record:
             record.model_id = info.model_id
         self.client.set_tag(run_id, MODEL_URI, info.model_uri)
