@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
-from .outage import POSTGRES_CONNECT_ARGS
+from .outage import POSTGRES_CONNECT_ARGS, wait_for_storage
 from .repair import check_journal, repair_journal
 from .tracking import _check_sqlite_path, check_database_url, redact, sqlalchemy_url
 
@@ -101,7 +101,10 @@ def open_storage(spec: StorageSpec):
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if spec.location.startswith("postgresql"):
         engine_kwargs["connect_args"] = dict(POSTGRES_CONNECT_ARGS)
-    return optuna.storages.RDBStorage(spec.location, engine_kwargs=engine_kwargs)
+    storage = optuna.storages.RDBStorage(spec.location, engine_kwargs=engine_kwargs)
+    if spec.location.startswith("postgresql"):
+        wait_for_storage(storage.engine, spec.location)
+    return storage
 
 
 @contextlib.contextmanager

@@ -121,6 +121,7 @@ class PostgresCluster:
     socket_dir: Path
     data_dir: Path
     log_file: Path
+    options: str = ""  # pg_ctl -o, to start it again on the same port
 
     def url(self, database: str, driver: str | None = "psycopg") -> str:
         """`postgresql+psycopg://user:pw@host:port/db` (driver=None: `postgresql://...`)."""
@@ -220,7 +221,8 @@ def postgres_cluster(
                 raise ServerStartError(f"pg_ctl start failed ({result.returncode}): "
                                        f"{result.stderr.strip()}\n{_log_tail(log_file)}")
         cluster = PostgresCluster(host=host, port=port, user=user, password=password,
-                                  socket_dir=socket_dir, data_dir=data_dir, log_file=log_file)
+                                  socket_dir=socket_dir, data_dir=data_dir, log_file=log_file,
+                                  options=options)
         _create_role_and_databases(cluster, databases)
         yield cluster
     finally:
@@ -238,6 +240,23 @@ def _create_role_and_databases(cluster: PostgresCluster, databases: Sequence[str
         for database in databases:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                 sql.Identifier(database), sql.Identifier(cluster.user)))
+
+
+def stop_cluster(cluster: PostgresCluster) -> None:
+    """The server goes away (as a crash would), keeping its data."""
+    _stop_cluster(find_pg_binary("pg_ctl"), cluster.data_dir, _run_as())
+
+
+def start_cluster(cluster: PostgresCluster, timeout: float = 60) -> None:
+    """Start a stopped cluster again, on the same port, with its data."""
+    result = subprocess.run(
+        [find_pg_binary("pg_ctl"), "start", "-D", str(cluster.data_dir), "-l",
+         str(cluster.log_file), "-w", "-t", str(int(timeout)), "-o", cluster.options],
+        cwd=cluster.data_dir.parent, env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+        capture_output=True, text=True, **_run_as())
+    if result.returncode != 0:
+        raise ServerStartError(f"pg_ctl start failed ({result.returncode}): "
+                               f"{result.stderr.strip()}\n{_log_tail(cluster.log_file)}")
 
 
 def _stop_cluster(pg_ctl: str, data_dir: Path, run_as: dict) -> None:

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import StudyDir, write_config
+from conftest import StudyDir, finished_points, write_config
 from servers import mlflow_server
 
 from fractal_mlops.outage import HTTP_BOUNDS
@@ -63,27 +63,36 @@ def test_an_outage_is_announced_and_stops_the_worker(tmp_path, monkeypatch, outa
 
 
 @pytest.mark.slow
-def test_a_postgresql_storage_that_goes_away_stops_the_worker_with_one_line(tmp_path):
-    from servers import _run_as, _stop_cluster, find_pg_binary, postgres_cluster
+def test_a_postgresql_storage_that_goes_away_is_waited_for_then_the_rerun_recovers(tmp_path):
+    from servers import postgres_cluster, require_postgres, start_cluster, stop_cluster
 
+    require_postgres()
     config = write_config(tmp_path / "c.yaml", study_name="pg-outage",
                           space={"blocks": [2], "columns": [3], "width": [16],
                                  "unit": ["conv-norm-act"]}, training={"epochs": 30})
-    try:
-        cluster_context = postgres_cluster()
-        cluster = cluster_context.__enter__()
-    except Exception as exc:  # noqa: BLE001 - PostgreSQL not installed here
-        pytest.skip(str(exc))
-    try:
+    with postgres_cluster() as cluster:
         study = StudyDir(tmp_path, storage=cluster.optuna_url)
         proc = study.popen("--config", str(config), *study.args())
-        study.wait_for_running_trial(proc)
-        _stop_cluster(find_pg_binary("pg_ctl"), cluster.data_dir, _run_as())
+        run_id = study.wait_for_running_trial(proc)
+        stop_cluster(cluster)
         out, err = proc.communicate(timeout=240)
-    finally:
-        cluster_context.__exit__(None, None, None)
-    assert proc.returncode == 1, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "run the same command again" in errors[0], err
-    assert cluster.password not in err
+
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err and cluster.password not in err
+        waits = [line for line in err.splitlines() if "waiting for the Optuna storage" in line]
+        assert waits, err
+        assert f"{cluster.host}:{cluster.port}/optuna" in waits[0], waits[0]
+        assert "connection refused" in waits[0] and "within about 30 s" in waits[0], waits[0]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "run the same command again" in errors[0], err
+
+        start_cluster(cluster)  # the database is back: the same command picks the study up
+        rerun = study.run("--config", str(config), *study.args())
+        assert rerun.returncode == 0, rerun.stderr
+        assert cluster.password not in rerun.stdout + rerun.stderr
+        trials = study.optuna_trials("pg-outage")
+        points = finished_points(trials)
+        assert len(points) == 1 and set(points.values()) == {1}, points  # trained once, not twice
+        assert not [t for t in trials if t.state.name == "RUNNING"]
+        assert study.client().get_run(run_id).info.status != "RUNNING"
+        assert not study.running_trial_runs()
