@@ -76,6 +76,28 @@ def test_a_stop_signal_to_the_launcher_stops_every_worker(tmp_path, signum):
 
 
 @pytest.mark.slow
+def test_a_launcher_killed_by_sigkill_still_stops_its_workers(tmp_path):
+    """SIGKILL cannot be caught: the workers learn it from the kernel (parent-death signal)."""
+    study = StudyDir(tmp_path)
+    config = write_config(tmp_path / "sigkill.yaml", study_name="sigkill",
+                          space={"blocks": [2], "columns": [3], "width": [16],
+                                 "unit": ["conv-norm-act", "conv-act-norm"]},
+                          training={"epochs": 20})
+    proc = study.popen("--config", str(config), *study.args("--workers", "2"))
+    wait_for_training_trials(study, proc, "sigkill", 2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 180
+    while processes_running(str(config)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_running(str(config)) == []  # no orphan trains on
+
+    trials = study.optuna_trials("sigkill")
+    assert {(t.state.name, t.user_attrs.get("reason")) for t in trials} == {("FAIL", "interrupted")}
+    assert study.running_trial_runs() == []
+
+
+@pytest.mark.slow
 def test_a_stop_signal_to_one_worker_names_the_signal(tmp_path):
     study = StudyDir(tmp_path)
     config = write_config(tmp_path / "one.yaml", study_name="one",
