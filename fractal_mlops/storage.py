@@ -15,7 +15,6 @@ across hosts. So no grid point is ever trained twice at once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import time
@@ -29,7 +28,15 @@ from urllib.parse import urlsplit
 from .config import ConfigError
 from .outage import POSTGRES_CONNECT_ARGS, wait_for_storage
 from .repair import check_journal, repair_journal
-from .tracking import _check_sqlite_path, check_database_url, redact, sqlalchemy_url
+from .stores import (
+    check_database_url,
+    check_folder,
+    check_sqlite_url,
+    file_lock,
+    sqlalchemy_url,
+    sqlite_path,
+)
+from .urls import redact
 
 DEFAULT_JOURNAL = "mlruns/optuna.journal"
 RDB_SCHEMES = {"sqlite", "postgresql", "postgres", "mysql"}
@@ -66,23 +73,13 @@ def resolve_storage(flag: str | None, configured: str | None) -> StorageSpec:
 def check_storage(spec: StorageSpec) -> None:
     """One clear line when the store cannot be used; creates nothing."""
     if spec.kind == "journal":
-        folder = Path(spec.location).expanduser().absolute().parent
-        if folder.exists() and not os.access(folder, os.W_OK):
-            raise ConfigError(f"storage {spec.location}: the folder {folder} is not writable")
-        if not folder.exists() and not _creatable(folder):
-            raise ConfigError(f"storage {spec.location}: the folder {folder} cannot be created")
+        check_folder(Path(spec.location).expanduser().absolute().parent,
+                     f"storage {spec.location}")
         check_journal(Path(spec.location).expanduser())
     elif spec.location.startswith("sqlite"):
-        _check_sqlite_path(spec.location, "storage")
+        check_sqlite_url(spec.location, "storage")
     else:
         check_database_url(spec.location, "storage")
-
-
-def _creatable(folder: Path) -> bool:
-    for ancestor in folder.parents:
-        if ancestor.exists():
-            return ancestor.is_dir() and os.access(ancestor, os.W_OK)
-    return False
 
 
 def open_storage(spec: StorageSpec):
@@ -95,9 +92,9 @@ def open_storage(spec: StorageSpec):
         backend = optuna.storages.journal.JournalFileBackend(
             str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
         return optuna.storages.JournalStorage(backend)
-    if spec.location.startswith("sqlite:///"):
-        Path(spec.location.split(":///", 1)[1]).expanduser().parent.mkdir(parents=True,
-                                                                          exist_ok=True)
+    database = sqlite_path(spec.location)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if spec.location.startswith("postgresql"):
         engine_kwargs["connect_args"] = dict(POSTGRES_CONNECT_ARGS)
@@ -114,20 +111,14 @@ def claim_lock(spec: StorageSpec, study_name: str) -> Iterator[None]:
         with _advisory_lock(spec.location, study_name):
             yield
         return
-    if spec.kind == "journal" or spec.location.startswith("sqlite:///"):
-        target = spec.location if spec.kind == "journal" else spec.location.split(":///", 1)[1]
-        path = Path(target).expanduser()
+    database = sqlite_path(spec.location)
+    if spec.kind == "journal" or database is not None:
+        path = Path(spec.location).expanduser() if spec.kind == "journal" else database
     else:  # another RDB (MySQL): safe among the workers of this host only
         name = f"fractal-claim-{zlib.crc32(redact(spec.location).encode()):08x}"
         path = Path(os.environ.get("TMPDIR", "/tmp")) / name
-    lock_path = path.with_name(path.name + f".{zlib.crc32(study_name.encode()):08x}.claim")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path.with_name(path.name + f".{zlib.crc32(study_name.encode()):08x}.claim")):
+        yield
 
 
 @contextlib.contextmanager

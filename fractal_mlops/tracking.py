@@ -8,11 +8,9 @@ The module imports mlflow lazily so that URI checks and `--help` stay cheap.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +23,13 @@ from urllib.parse import urlsplit
 from .config import ConfigError
 from .errors import ServerFault, is_outage, is_unique_violation
 from .outage import bound_http_retries
-from .repair import check_sqlite_file
+from .stores import (
+    check_database_url,
+    check_sqlite_url,
+    sqlalchemy_url,
+    sqlite_lock,
+    sqlite_path,
+)
 from .ui import (
     CUSTOM_MODEL_DEVELOPMENT,
     EXPERIMENT_KIND,
@@ -70,7 +74,7 @@ def check_tracking_uri(uri: str) -> None:
         raise ConfigError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r} "
                           "(expected sqlite:///, postgresql://, http(s)://)")
     if scheme == "sqlite":
-        _check_sqlite_path(uri, "tracking URI")
+        check_sqlite_url(uri, "tracking URI")
     elif scheme in ("http", "https"):
         _check_tracking_server(move_http_credentials(uri).rstrip("/"))
     elif scheme in ("postgresql", "mysql", "mssql"):
@@ -108,8 +112,8 @@ def check_existing_store(uri: str) -> None:
     database (a typo in the path would otherwise give an empty store)."""
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
-        path = Path(uri.split(":///", 1)[1]).expanduser()
-        if not path.is_file():
+        path = sqlite_path(uri)
+        if path is None or not path.is_file():
             raise ConfigError(f"no MLflow store at {path} (tracking URI {uri}): run a study "
                               "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
 
@@ -123,56 +127,12 @@ def open_store(uri: str) -> MlflowClient:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def sqlalchemy_url(url: str) -> str:
-    """postgresql:// means psycopg2 to SQLAlchemy; this project ships psycopg 3."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-def _check_sqlite_path(url: str, what: str) -> None:
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    if not path or path == ":memory:":
-        raise ConfigError(f"{what} {url!r}: give a database file, e.g. sqlite:///mlruns/mlflow.db")
-    parent = Path(path).expanduser().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise ConfigError(f"{what} {url!r}: the folder {parent} is not writable")
-    if not parent.exists() and not _creatable(parent):
-        raise ConfigError(f"{what} {url!r}: the folder {parent} does not exist and cannot be created")
-    flag = "--tracking-uri" if what == "tracking URI" else "--storage"
-    check_sqlite_file(Path(path).expanduser(), f"{what} file", flag)
-
-
-def _creatable(folder: Path) -> bool:
-    for ancestor in folder.absolute().parents:
-        if ancestor.exists():
-            return ancestor.is_dir() and os.access(ancestor, os.W_OK)
-    return False
-
-
-def check_database_url(url: str, what: str) -> None:
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(url))
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - any driver error is "cannot connect"
-        message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot connect to the {what} {redact(url)}: {redact(message)}") from None
-
-
-def _connect_timeout(url: str) -> dict[str, Any]:
-    return {"connect_timeout": 10} if url.startswith("postgresql") else {}
-
-
 def artifact_root_for(tracking_uri: str) -> str | None:
     """Local SQLite stores keep artifacts beside the database: mlruns/artifacts/."""
-    if not tracking_uri.startswith("sqlite:///"):
+    db = sqlite_path(tracking_uri)
+    if db is None:
         return None  # a tracking server (or remote database) decides
-    db = Path(tracking_uri.split(":///", 1)[1]).expanduser().absolute()
-    return (db.parent / "artifacts").as_uri()
+    return (db.absolute().parent / "artifacts").as_uri()
 
 
 def git_commit() -> str | None:
@@ -186,37 +146,6 @@ def git_commit() -> str | None:
         if out.returncode == 0:
             return out.stdout.strip()
     return None
-
-
-_STORE_LOCKS: dict[Path, tuple[threading.RLock, list[int]]] = {}
-
-
-@contextlib.contextmanager
-def _sqlite_lock(uri: str) -> Iterator[None]:
-    """One process at a time on a SQLite store (a no-op for any other store). Re-entrant, so
-    a locked section may call the locked client."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    db = Path(uri.split(":///", 1)[1]).expanduser().resolve()
-    lock, depth = _STORE_LOCKS.setdefault(db, (threading.RLock(), [0]))
-    with lock:
-        if depth[0]:
-            depth[0] += 1
-            try:
-                yield
-            finally:
-                depth[0] -= 1
-            return
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(db.name + ".lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            depth[0] = 1
-            try:
-                yield
-            finally:
-                depth[0] = 0
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _OneWriterAtATime:
@@ -238,7 +167,7 @@ class _OneWriterAtATime:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            with _sqlite_lock(self._uri):
+            with sqlite_lock(self._uri):
                 return attr(*args, **kwargs)
         return call
 
@@ -258,7 +187,7 @@ class Tracker:
         self.client: MlflowClient = mlflow.MlflowClient(tracking_uri)
         if tracking_uri.startswith("sqlite:///"):
             self.client = _OneWriterAtATime(self.client, tracking_uri)  # type: ignore[assignment]
-        with _sqlite_lock(tracking_uri):  # first use creates the tables: one process at a time
+        with sqlite_lock(tracking_uri):  # first use creates the tables: one process at a time
             self.experiment_id = self._experiment(experiment_name)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit()
@@ -377,7 +306,7 @@ class Tracker:
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         record = self._record(run_id)
         # Named after the variant, with the trial's params, so the Models tab tells them apart
-        with _sqlite_lock(self.uri):  # MLflow's own calls, not through self.client
+        with sqlite_lock(self.uri):  # MLflow's own calls, not through self.client
             info = mlflow.pytorch.log_model(
                 model.eval().cpu(), name=model_name(record.variant) if record else "model",
                 run_id=run_id, signature=signature, serialization_format="pickle",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 NOTE = "mlflow.note.content"  # the run's "Description" in the UI (markdown)
@@ -143,11 +142,12 @@ def ui_lines(tracking_uri: str, experiment_id: str) -> list[str]:
         netloc = host + (f":{parts.port}" if parts.port else "")  # no credentials in a URL shown
         base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
         return [base + path]
-    from .tracking import redact
+    from .stores import sqlite_path
+    from .urls import redact
 
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.split(":///", 1)[1]).expanduser().absolute()
-        tracking_uri = f"sqlite:///{db}"
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        tracking_uri = f"sqlite:///{db.absolute()}"
     return [f"mlflow ui --backend-store-uri {redact(tracking_uri)}", LOCAL_UI + path]
 
 
