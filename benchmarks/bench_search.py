@@ -50,7 +50,8 @@ def build_config(args: argparse.Namespace) -> dict:
     else:
         config = yaml.safe_load((REPO / "experiments" / "cifar10_cpu.yaml").read_text())
         config["study_name"] = "bench-search-cifar10"
-        config["data"]["root"] = str((REPO / "experiments" / config["data"]["root"]).resolve()) \
+        # the config's root is relative to the project root, where the study command runs
+        config["data"]["root"] = str((REPO / config["data"]["root"]).resolve()) \
             if args.data is None else args.data
         if args.train_limit:
             config["data"]["train_limit"] = args.train_limit
