@@ -112,6 +112,27 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
 
 
 
+def matched(trials: list[TrialRecord], dim: str, dimensions: list[str]) -> list[TrialRecord]:
+    """The trials that take part in a fair comparison of `dim`'s values: those whose other
+    settings also occur with another value of `dim`.
+
+    The grid normalises some points (drop-path is "none" with one column; recursive sharing
+    needs three columns or more), so comparing all trials per value would compare other
+    settings too. A dimension that follows from `dim` (drop-path from columns) is not held
+    fixed: each value of `dim` brings its own.
+    """
+    def follows(other: str) -> bool:
+        seen: dict[str | None, str | None] = {}
+        return all(seen.setdefault(t.dims.get(dim), t.dims.get(other)) == t.dims.get(other)
+                   for t in trials)
+
+    held = [d for d in dimensions if d != dim and not follows(d)]
+    groups: dict[tuple, set[str | None]] = {}
+    for t in trials:
+        groups.setdefault(tuple(t.dims.get(d) for d in held), set()).add(t.dims.get(dim))
+    return [t for t in trials if len(groups[tuple(t.dims.get(d) for d in held)]) > 1]
+
+
 def _dimensions() -> list[str]:
     # Other helpers add dimensions (weight_sharing) to the config; any recorded one is shown.
     return [*DIMENSIONS, *(d for d in ("weight_sharing",) if d not in DIMENSIONS)]

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .report_data import matched
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -135,18 +137,22 @@ def _sorted_values(values: set[str]) -> list[str]:
 
 
 def dimension_effects(data: StudyData) -> Figure | None:
-    if not data.varied:
+    compared = {dim: {t.run_id for t in matched(data.trials, dim, data.dimensions)}
+                for dim in data.varied}
+    compared = {dim: ids for dim, ids in compared.items() if ids}
+    if not compared:
         return None
-    count = len(data.varied)
+    count = len(compared)
     ncols = min(3, count)
     nrows = math.ceil(count / ncols)
     fig = _figure(4.6 * ncols, 3.6 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, dim in zip(axes, data.varied, strict=False):
-        values = _sorted_values({t.dims[dim] for t in data.trials if dim in t.dims})
-        accs = [[t.metrics["final_val_acc"] for t in data.ranked if t.dims.get(dim) == v]
-                for v in values]
-        others = [sum(1 for t in data.trials if t.dims.get(dim) == v and t.state != "COMPLETE")
+    for ax, (dim, ids) in zip(axes, compared.items(), strict=False):
+        trials = [t for t in data.trials if t.run_id in ids]
+        values = _sorted_values({t.dims[dim] for t in trials if dim in t.dims})
+        accs = [[t.metrics["final_val_acc"] for t in data.ranked
+                 if t.run_id in ids and t.dims.get(dim) == v] for v in values]
+        others = [sum(1 for t in trials if t.dims.get(dim) == v and t.state != "COMPLETE")
                   for v in values]
         shown = [a if a else [math.nan] for a in accs]
         ax.boxplot(shown, positions=range(len(values)), widths=0.6, showfliers=False)
@@ -244,8 +250,11 @@ FIGURES: list[tuple[str, str, Callable[[StudyData], Figure | None]]] = [
      accuracy_vs_params),
     ("blocks_columns_heatmap", "Blocks x columns: the best and the mean final val acc of "
      "the COMPLETE trials in each cell (n = trials).", blocks_columns_heatmap),
-    ("dimension_effects", "Final val acc per value of each dimension that varies "
-     "(boxes: COMPLETE trials; diamonds: means).", dimension_effects),
+    ("dimension_effects", "Final val acc per value of each dimension that varies, among "
+     "the variants that differ only in that dimension (so a value the grid ties to other "
+     "settings, such as recursive sharing with 3+ columns, is compared with its own "
+     "counterparts; a dimension with no such pairs is left out). Boxes: COMPLETE trials; "
+     "diamonds: means.", dimension_effects),
     ("top_curves", "Per-epoch val acc of the top trials.", top_curves),
     ("anytime_columns", "Anytime: val acc of each column alone for the top trials "
      "(star: the whole network).", anytime_columns),

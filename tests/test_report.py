@@ -232,3 +232,28 @@ def test_no_report_turns_the_refresh_off_and_a_failing_report_never_fails_the_st
     assert again.returncode == 0, again.stderr[-2000:]
     assert "warning: the study report was not built" in again.stderr
     assert report_artifacts(study, parent.info.run_id) == {}
+
+
+def test_dimension_effects_compare_each_value_with_its_own_counterparts():
+    """The grid ties some values to others (recursive sharing only with 3+ columns; drop-path
+    "none" only with one column): each dimension's panel keeps only the variants whose other
+    settings occur with another value of it, and leaves out a dimension with no such pairs."""
+    from fractal_mlops.report_data import TrialRecord, matched
+
+    def trial(columns: int, sharing: str, unit: str) -> TrialRecord:
+        dims = {"columns": str(columns), "weight_sharing": sharing, "unit": unit,
+                "drop_path": "none" if columns == 1 else "local+global"}
+        name = f"c{columns}-{sharing}-{unit}"
+        return TrialRecord(name, name, "COMPLETE", "", dims, {"final_val_acc": 0.5}, 0, None)
+
+    trials = [trial(c, "none", u) for c in (1, 2, 3) for u in ("a", "b")]
+    trials += [trial(3, "recursive", u) for u in ("a", "b")]
+    dims = ["columns", "unit", "drop_path", "weight_sharing"]
+
+    def names(dim: str) -> set[str]:
+        return {t.variant for t in matched(trials, dim, dims)}
+
+    assert names("weight_sharing") == {"c3-none-a", "c3-none-b", "c3-recursive-a", "c3-recursive-b"}
+    assert names("drop_path") == set()  # only ever changes with the number of columns
+    assert names("columns") == {f"c{c}-none-{u}" for c in (1, 2, 3) for u in "ab"}
+    assert names("unit") == {t.variant for t in trials}
