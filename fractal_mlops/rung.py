@@ -44,7 +44,8 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     """Train `work.trial`'s point through `work.rung`, continuing its run from its checkpoint.
     Ends WAITING (rung done), or COMPLETE (last rung), PRUNED (diverged) or FAIL. Called with
     interrupts held (see halving.next_work): they wait until the run is open and recorded."""
-    from .study import Heartbeat, _one_line
+    from .claims import Heartbeat
+    from .study import _one_line
     from .tracking import is_tracking_outage
 
     trial, variant, rung = work.trial, work.variant, work.rung

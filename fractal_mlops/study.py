@@ -16,12 +16,18 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .claims import (
+    Heartbeat,
+    claim_next,
+    close_orphaned_runs,
+    grid_sampler,
+    points_done,
+    recover_lost_trials,
+)
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
 from .errors import ServerFault, is_outage
@@ -31,7 +37,6 @@ from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml
 from .signals import InterruptGuard
 from .space import Variant, grid
 from .storage import (
-    RETRYABLE,
     TRACKING_FAILED,
     WORKER_LOST,
     StorageSpec,
@@ -40,15 +45,12 @@ from .storage import (
     heartbeat_settings,
     open_storage,
     resolve_storage,
-    worker_identity,
-    worker_is_gone,
 )
 from .tracking import check_tracking_uri, is_tracking_outage, redact, resolve_tracking_uri
 from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.trial import FrozenTrial
 
     from .console import StudyProgress
     from .tracking import Tracker
@@ -168,7 +170,7 @@ def run_worker(settings: StudySettings, console) -> int:
 
     prefix = worker_prefix()
     live = None if not prefix else False
-    done = _points_done(study)
+    done = points_done(study)
     console.print(f"{prefix}study [bold]{settings.study_name}[/]: {len(variants)} variants on "
                   f"{data.name} ({len(data.train_x)} train / {len(data.val_x)} val images), "
                   f"{done} done, device {device.type}")
@@ -222,7 +224,7 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
     study = optuna.create_study(
         storage=open_storage(settings.storage), study_name=settings.study_name,
         direction="maximize", load_if_exists=True,
-        sampler=_grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
+        sampler=grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
         pruner=_optuna_pruner(config.pruning.pruner),
     )
     recorded = study.user_attrs.get("config_sha256")
@@ -237,20 +239,6 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
                           "config and trained under it; pass another --study-name to start a "
                           "new study")
     return study
-
-
-def _grid_sampler():
-    import optuna
-
-    class ClaimedGridSampler(optuna.samplers.GridSampler):
-        """Optuna's GridSampler over the variant names. Points are claimed by `claim_next`
-        under the study's lock, so it never picks one itself, and it leaves stopping to the
-        worker loop (its own `study.stop()` only works inside `study.optimize`)."""
-
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return ClaimedGridSampler
 
 
 def _optuna_pruner(name: str):
@@ -273,111 +261,6 @@ def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
     params.update({f"pruning.{k}": v for k, v in config.to_dict()["pruning"].items()})
     params.update({f"search.{k}": v for k, v in config.to_dict().get("search", {}).items()})
     return params
-
-
-# -- claiming grid points --------------------------------------------------------------------
-
-def _finished_points(trials: list[FrozenTrial]) -> set[str]:
-    """Variants that have their final COMPLETE / PRUNED / FAIL trial."""
-    from optuna.trial import TrialState
-
-    return {t.params["variant"] for t in trials if "variant" in t.params and (
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-            t.state == TrialState.FAIL and t.user_attrs.get("reason") not in RETRYABLE))}
-
-
-def _points_done(study: optuna.Study) -> int:
-    return len(_finished_points(study.get_trials(deepcopy=False)))
-
-
-def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Variant, int] | None:
-    """Create the trial of the next pending grid point (call under the claim lock)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState
-
-    # One read of the trials: another worker's trial that finishes meanwhile is seen either
-    # RUNNING or finished, never neither (two reads once let its point be claimed again).
-    trials = study.get_trials(deepcopy=False)
-    taken = _finished_points(trials) | {
-        t.params["variant"] for t in trials if t.state == TrialState.RUNNING and "variant" in t.params}
-    pending = [v for v in variants if v.name not in taken]
-    if not pending:
-        return None
-    choice = pending[0]
-    # One storage call creates the trial RUNNING with its point, owner and the GridSampler's
-    # bookkeeping (grid_id: the sampler sees the point as visited and never picks one itself).
-    # No WAITING trial and no queue in between that another worker could pop.
-    names = [v.name for v in variants]
-    template = optuna.trial.FrozenTrial(
-        number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
-        datetime_start=datetime.now(), datetime_complete=None,
-        params={"variant": choice.name}, distributions={"variant": CategoricalDistribution(names)},
-        user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time()},
-        system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
-        intermediate_values={})
-    trial = optuna.Trial(study, study._storage.create_new_trial(study._study_id, template))
-    position = len(variants) - len(pending) + 1
-    return trial, choice, position
-
-
-def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
-    """Mark RUNNING trials whose worker is gone FAIL ("worker lost"), close their MLflow runs."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    lost = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
-            continue
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", WORKER_LOST)
-            study.tell(t.number, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:  # its worker finished it after all
-            continue
-        lost.append(t.number)
-    if lost:
-        close_orphaned_runs(study, tracker)
-    return lost
-
-
-def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
-    """Close RUNNING trial runs whose Optuna trial has finished: their worker was lost, or a
-    tracking outage stopped it before MLflow heard the end. Found by tags, so that a worker
-    killed before it recorded its run ID is covered too."""
-    finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    for run_id, number in tracker.running_trial_runs(study.study_name):
-        if number in finished:
-            reason = finished[number].user_attrs.get("reason") or "finished while unrecorded"
-            tracker.finish_trial(run_id, "FAIL", reason, status="KILLED")
-
-
-class Heartbeat:
-    """Refreshes the trial's `heartbeat` user attr, so workers on other hosts see it alive."""
-
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(study, trial_id), daemon=True)
-
-    def _beat(self, study: optuna.Study, trial_id: int) -> None:
-        from optuna.exceptions import UpdateFinishedTrialError
-
-        interval = heartbeat_settings()[0]
-        while not self._stop.wait(interval):
-            try:
-                study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
-            except UpdateFinishedTrialError:  # finished, or declared lost by another worker
-                return
-            except Exception:  # noqa: BLE001 - the store hiccuped: beat again next time
-                continue
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # -- one trial --------------------------------------------------------------------------------
@@ -469,7 +352,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
             if not is_tracking_outage(exc):
                 raise
             _tracking_lost(ctx, trial, run_id, exc)
-    progress.trial_done(_points_done(ctx.study), trial.number, variant.name, state,
+    progress.trial_done(points_done(ctx.study), trial.number, variant.name, state,
                         outcome.last_val_acc, reason)
     ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
 
@@ -552,7 +435,7 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
         counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
                   for s in ("COMPLETE", "PRUNED", "FAIL")}
         tracker.update_study_summary(parent_run_id, study.study_name, counts, grid_size,
-                                     _points_done(study))
+                                     points_done(study))
     return rows
 
 

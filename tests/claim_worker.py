@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import optuna
 from optuna.trial import TrialState
 
+from fractal_mlops.claims import claim_next, grid_sampler
 from fractal_mlops.storage import claim_lock, open_storage, resolve_storage
-from fractal_mlops.study import _grid_sampler, claim_next
 
 
 def main(storage: str, study_name: str, n_points: int, seed: int) -> None:
@@ -25,7 +25,7 @@ def main(storage: str, study_name: str, n_points: int, seed: int) -> None:
     with claim_lock(spec, study_name):
         study = optuna.create_study(
             storage=open_storage(spec), study_name=study_name, direction="maximize",
-            load_if_exists=True, sampler=_grid_sampler()({"variant": [v.name for v in variants]}))
+            load_if_exists=True, sampler=grid_sampler()({"variant": [v.name for v in variants]}))
     rnd = random.Random(seed)
     while True:
         with claim_lock(spec, study_name):

@@ -23,8 +23,8 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
 
     import optuna
 
+    from fractal_mlops.claims import recover_lost_trials
     from fractal_mlops.storage import HEARTBEAT_GRACE, open_storage, resolve_storage, worker_identity
-    from fractal_mlops.study import recover_lost_trials
     from fractal_mlops.tracking import ROLE, Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -141,8 +141,8 @@ def test_the_heartbeat_refreshes_while_the_trial_runs(tmp_path, monkeypatch):
 
     import optuna
 
+    from fractal_mlops.claims import Heartbeat
     from fractal_mlops.storage import open_storage, resolve_storage
-    from fractal_mlops.study import Heartbeat
 
     monkeypatch.setenv("FRACTAL_HEARTBEAT_SECONDS", "0.1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -184,7 +184,7 @@ def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyD
     import sys
     import time
 
-    from fractal_mlops.study import recover_lost_trials
+    from fractal_mlops.claims import recover_lost_trials
     from fractal_mlops.tracking import Tracker
 
     config = write_config(study_dir.root / "far.yaml", study_name="far",
