@@ -155,8 +155,8 @@ def run_worker(settings: StudySettings, console) -> int:
 
     config = settings.config
     device = resolve_device(settings.device)
-    if device.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
+    # on a GPU too: N workers that each start a thread pool over every core slow each other
+    torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
     check_feasible(config, device, data, variants)

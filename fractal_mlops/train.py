@@ -87,7 +87,9 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
         raise ConfigError("training.amp fp16 needs CUDA; use bf16 or auto on the CPU")
     if mode == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # emulated bf16 (V100, T4) is slow: those GPUs get fp16 with a GradScaler
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 

@@ -116,6 +116,15 @@ def test_amp_modes_on_cpu():
         resolve_amp("fp16", cpu)
 
 
+def test_amp_auto_on_a_gpu_without_native_bf16_picks_fp16(monkeypatch):
+    """torch counts emulated bf16 as supported by default; auto must not pick it (V100, T4)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert resolve_amp("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_amp("auto", torch.device("cuda")) == torch.bfloat16
+
+
 def test_fp16_on_cpu_is_a_config_error(small_digits):
     with pytest.raises(ConfigError, match="fp16"):
         Trainer(TINY, small_digits, TrainConfig(amp="fp16"))
