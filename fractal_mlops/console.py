@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -122,10 +121,6 @@ def worker_prefix() -> str:
     """Rich markup (escaped) that tells the lines of several workers apart."""
     index = os.environ.get("FRACTAL_WORKER_INDEX")
     return escape(f"[worker {index}] ") if index else ""
-
-
-def elapsed_since(start: float) -> float:
-    return time.monotonic() - start
 
 
 def error_line(message: str) -> None:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_registry import TINY, clean_env, mlflow_client, run_module, store, studied_store
+from servers import free_port
 
 __all__ = ["store", "studied_store"]  # pytest fixtures used below
 
 CHAMPION = "models:/FractalNet@champion"
 START_TIMEOUT = 180  # seconds; `mlflow models serve` imports torch and MLflow in two processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def digits_batch(n: int = 24) -> tuple[np.ndarray, np.ndarray]:
