@@ -48,3 +48,29 @@ def test_racing_workers_claim_every_point_exactly_once(storage):
     assert len(points) == POINTS
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     assert len({t.user_attrs["worker"] for t in trials}) > 1  # the workers really shared the grid
+
+
+def test_claimed_points_count_as_visited_by_optunas_grid_sampler(tmp_path):
+    """claim_next writes the GridSampler's own bookkeeping (the private system attrs
+    `search_space` and `grid_id`) so that the sampler, and whoever reads the study with it,
+    sees the grid as Optuna would have walked it. This pins that contract: a new Optuna that
+    renames those attributes fails here, not in a user's study."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from fractal_mlops.claims import claim_next, grid_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    variants = [SimpleNamespace(name=f"v{i}") for i in range(3)]
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="pin", direction="maximize",
+        sampler=grid_sampler()({"variant": [v.name for v in variants]}))
+    for expected in variants:
+        assert not study.sampler.is_exhausted(study)
+        trial, variant, _ = claim_next(study, variants)
+        assert variant is expected
+        study.tell(trial, 0.5)
+    assert study.sampler.is_exhausted(study)  # every point claimed: the grid is walked
+    assert claim_next(study, variants) is None
+    assert [t.params["variant"] for t in study.trials] == ["v0", "v1", "v2"]
