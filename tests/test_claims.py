@@ -52,9 +52,9 @@ def test_racing_workers_claim_every_point_exactly_once(storage):
 
 def test_claimed_points_count_as_visited_by_optunas_grid_sampler(tmp_path):
     """claim_next writes the GridSampler's own bookkeeping (the private system attrs
-    `search_space` and `grid_id`) so that the sampler, and whoever reads the study with it,
-    sees the grid as Optuna would have walked it. This pins that contract: a new Optuna that
-    renames those attributes fails here, not in a user's study."""
+    `search_space` and `grid_id`), so the sampler sees each claimed point as the one it holds
+    and never assigns a grid point of its own (it would pick one at random). This pins that
+    contract: an Optuna that renames those attributes fails here, not in a user's study."""
     from types import SimpleNamespace
 
     import optuna
@@ -62,15 +62,17 @@ def test_claimed_points_count_as_visited_by_optunas_grid_sampler(tmp_path):
     from fractal_mlops.claims import claim_next, grid_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    variants = [SimpleNamespace(name=f"v{i}") for i in range(3)]
+    variants = [SimpleNamespace(name=f"v{i}") for i in range(8)]
+    names = [v.name for v in variants]
     study = optuna.create_study(
         storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="pin", direction="maximize",
-        sampler=grid_sampler()({"variant": [v.name for v in variants]}))
+        sampler=grid_sampler()({"variant": names}))
     for expected in variants:
         assert not study.sampler.is_exhausted(study)
         trial, variant, _ = claim_next(study, variants)
         assert variant is expected
         study.tell(trial, 0.5)
-    assert study.sampler.is_exhausted(study)  # every point claimed: the grid is walked
+    assert study.sampler.is_exhausted(study)
     assert claim_next(study, variants) is None
-    assert [t.params["variant"] for t in study.trials] == ["v0", "v1", "v2"]
+    assert [(t.params["variant"], t.system_attrs["grid_id"]) for t in study.trials] == [
+        (name, index) for index, name in enumerate(names)]
