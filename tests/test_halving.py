@@ -20,10 +20,15 @@ NINE_POINTS = {"blocks": [1], "columns": [1, 2, 3], "width": [16],
 REASON = re.compile(r"^halving: rung 1 \(1 epoch\), rank (\d+) of 9, kept the top 3$")
 
 
-def halving_config(study: StudyDir, name: str = "tiny", **search):
+def halving_config(study: StudyDir, name: str = "tiny", batch_size: int = 32, **search):
     return write_config(study.root / f"{name}.yaml", study_name=name, space=NINE_POINTS,
-                        training={"epochs": 3, "batch_size": 32, "lr": 0.05},
+                        training={"epochs": 3, "batch_size": batch_size, "lr": 0.05},
                         search={"mode": "halving", **search})
+
+
+# Batches of 4: an epoch takes seconds, not a tenth of one, so a signal sent once rung 2 has
+# started lands inside it on any machine (with batches of 32, rung 2 could end first).
+SLOW_BATCHES = 4
 
 
 def test_the_rung_plan_keeps_a_third_per_rung_up_to_the_full_epochs():
@@ -156,7 +161,7 @@ def wait_for_trial(study: StudyDir, name: str, proc, condition, timeout: float =
 
 @pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_rung_then_resume(study_dir: StudyDir):
-    config = halving_config(study_dir)
+    config = halving_config(study_dir, batch_size=SLOW_BATCHES)
     args = ["--config", str(config), *study_dir.args()]
     proc = study_dir.popen(*args)
     in_rung_2 = wait_for_trial(study_dir, "tiny", proc, lambda t: t.state.name == "RUNNING"
@@ -178,7 +183,7 @@ def test_kill_9_in_the_middle_of_a_rung_then_resume(study_dir: StudyDir):
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_rung_leaves_the_point_waiting_and_resume_finishes(study_dir: StudyDir):
-    config = halving_config(study_dir)
+    config = halving_config(study_dir, batch_size=SLOW_BATCHES)
     args = ["--config", str(config), *study_dir.args()]
     proc = study_dir.popen(*args)
     training = wait_for_trial(study_dir, "tiny", proc, lambda t: t.state.name == "RUNNING"
