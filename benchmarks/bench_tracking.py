@@ -31,6 +31,7 @@ def main() -> None:
     import torch
 
     from fractal_mlops import study as study_module
+    from fractal_mlops import trial as trial_module
     from fractal_mlops.config import load_config
     from fractal_mlops.console import StudyProgress, make_console
     from fractal_mlops.data import load_dataset
@@ -63,11 +64,11 @@ def main() -> None:
             storage=resolve_storage(f"journal:{workdir / 'optuna.journal'}", None),
             device="cpu", workers=1, n_trials=None)
         study, tracker, parent = study_module.open_stores(settings, [variant])
-        ctx = study_module.TrialContext(study, tracker, parent, settings, data,
+        ctx = trial_module.TrialContext(study, tracker, parent, settings, data,
                                         torch.device("cpu"), [variant], InterruptGuard())
         progress = StudyProgress(make_console(), 1, 0, config.training.epochs, live=False)
         start = time.perf_counter()
-        study_module.claim_and_run(ctx, progress)  # claim, start, train, close: one trial
+        trial_module.claim_and_run(ctx, progress)  # claim, start, train, close: one trial
         return time.perf_counter() - start
 
     tracked()  # warm-up: MLflow's first log_model imports and caches its flavors

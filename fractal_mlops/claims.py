@@ -17,8 +17,9 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .outcome import RETRYABLE, WORKER_LOST
 from .space import Variant
-from .storage import RETRYABLE, WORKER_LOST, heartbeat_settings, worker_identity, worker_is_gone
+from .storage import heartbeat_settings, worker_identity, worker_is_gone
 
 if TYPE_CHECKING:
     import optuna

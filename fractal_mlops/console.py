@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .storage import RETRYABLE
+from .outcome import RETRYABLE, TrialState
 from .urls import redact
 
 
@@ -101,7 +101,7 @@ def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_si
                       f"{row.params:,}" if row.params else "-",
                       f"{row.seconds:.1f}" if row.seconds else "-")
     console.print(table)
-    counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
+    counts = {state: sum(r.state == state for r in rows) for state in TrialState}
     finished_points = len({r.variant for r in rows if r.state in counts and r.reason not in
                            RETRYABLE})
     trial_seconds = sum(r.seconds or 0.0 for r in rows)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .storage import WORKER_LOST, claim_lock, worker_identity, worker_is_gone
+from .outcome import WORKER_LOST
+from .storage import claim_lock, worker_identity, worker_is_gone
 
 if TYPE_CHECKING:
     import optuna
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from .config import ExperimentConfig, SearchConfig
     from .console import StudyProgress
     from .space import Variant
-    from .study import TrialContext
+    from .trial import TrialContext
 
 WAIT_SECONDS = 1.0  # poll interval of a worker waiting for the rest of a rung
 
@@ -146,7 +147,7 @@ def _current_trials(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
     """Each started point's trial (a FAIL that the grid mode would retry does not count)."""
     from optuna.trial import TrialState
 
-    from .storage import RETRYABLE
+    from .outcome import RETRYABLE
 
     points: dict[str, FrozenTrial] = {}
     for t in trials:

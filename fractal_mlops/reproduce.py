@@ -203,7 +203,8 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     import torch
 
     from .data import load_dataset
-    from .runner import TrialOutcome, TrialStopped, train_and_log, trial_params
+    from .outcome import outcome_of
+    from .runner import TrialResults, train_and_log, trial_params
     from .tracking import Tracker, git_commit
     from .train import resolve_device
 
@@ -251,25 +252,23 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
                     f"({original.state}{': ' + why if why else ''})")
         return None
 
-    outcome = TrialOutcome()
+    results, error = TrialResults(), None
     try:
-        train_and_log(tracker, run_id, original.variant, data, original.config, device, outcome,
+        train_and_log(tracker, run_id, original.variant, data, original.config, device, results,
                       on_epoch=on_epoch)
-        state, reason = "COMPLETE", None
-    except TrialStopped as stopped:
-        state, reason = "PRUNED", str(stopped)
-    except KeyboardInterrupt:
-        tracker.finish_trial(run_id, "FAIL", "interrupted", outcome.metrics(), status="KILLED")
-        raise
-    except Exception as exc:  # noqa: BLE001 - a failed re-run is a result, recorded as FAIL
-        state, reason = "FAIL", " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
-    tracker.finish_trial(run_id, state, reason, outcome.metrics())
+    except (Exception, KeyboardInterrupt) as exc:  # a failed re-run is a result, recorded
+        error = exc
+    outcome = outcome_of(error)
+    state, reason = outcome.state, outcome.reason
+    tracker.finish_trial(run_id, state, reason, results.metrics(), status=outcome.run_status)
+    if isinstance(error, KeyboardInterrupt):
+        raise error
     new_epochs = _epochs_of(client, run_id)  # what the new run recorded, read back
     # an epoch that stopped on a non-finite loss never reached on_epoch: print it now
     for epoch in sorted(set(new_epochs) - table.printed):
         table.print_row(epoch, new_epochs[epoch])
     epochs_match = table.finish(new_epochs)
-    finals_match = compare_finals(original.final, outcome.metrics(), tolerance)
+    finals_match = compare_finals(original.final, results.metrics(), tolerance)
     same = epochs_match and finals_match
     states = f"original {original.state}, reproduction {state}" + (f" ({reason})" if reason
                                                                       else "")

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .halving import Rung, RungWork, finished_points, next_work
+from .outcome import from_optuna, one_line, outcome_of
 from .runner import (
-    TrialOutcome,
+    TrialResults,
     TrialStopped,
     divergence_reason,
     finish_training,
@@ -26,7 +27,7 @@ from .runner import (
 if TYPE_CHECKING:
     from .console import StudyProgress
     from .space import Variant
-    from .study import TrialContext
+    from .trial import TrialContext
 
 CHECKPOINT_DIR, CHECKPOINT_FILE = "halving", "checkpoint.pt"
 
@@ -45,13 +46,12 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     Ends WAITING (rung done), or COMPLETE (last rung), PRUNED (diverged) or FAIL. Called with
     interrupts held (see halving.next_work): they wait until the run is open and recorded."""
     from .claims import Heartbeat
-    from .study import _one_line
-    from .tracking import is_tracking_outage
+    from .trial import record_end
 
     trial, variant, rung = work.trial, work.variant, work.rung
     progress.trial_started(finished_points(ctx.study) + 1, len(ctx.variants), trial.number,
                            variant.name)
-    outcome, run_id = TrialOutcome(), None
+    results, run_id = TrialResults(), None
     try:
         run_id = _open_run(ctx, trial, variant)
     except BaseException as exc:
@@ -60,25 +60,22 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     try:
         ctx.interrupts.release()  # raises a Ctrl-C that came since the claim
         with Heartbeat(ctx.study, trial._trial_id):
-            _train(ctx, trial, variant, run_id, work, outcome, progress)
-        state, reason = ("COMPLETE", None) if work.last_rung else ("WAITING", None)
-    except TrialStopped as stopped:
-        state, reason = "PRUNED", str(stopped)
-    except KeyboardInterrupt as exc:
-        _stop(ctx, trial, run_id, exc)
-    except Exception as exc:  # noqa: BLE001 - any error fails this point, the study goes on
-        if is_tracking_outage(exc):
+            _train(ctx, trial, variant, run_id, work, results, progress)
+        outcome = outcome_of(None) if work.last_rung else None  # None: waits for the ranking
+    except (Exception, KeyboardInterrupt) as exc:  # the ending, as outcome_of says
+        outcome = outcome_of(exc)
+        if outcome.stops_worker:
             _stop(ctx, trial, run_id, exc)
-        state, reason = "FAIL", _one_line(exc)
     with ctx.interrupts.deferred():
-        if state == "WAITING":
-            _end_rung(ctx, trial, run_id, rung, outcome)
+        if outcome is None:
+            _end_rung(ctx, trial, run_id, rung, results)
             state, reason = f"RUNG {rung.number}", (f"trained to epoch {rung.epochs}, waits for "
                                                     "the rung's ranking")
         else:
-            _finish(ctx, trial, run_id, state, reason, outcome)
+            record_end(ctx, trial, run_id, outcome, results)
+            state, reason = outcome.state, outcome.reason
     progress.trial_done(finished_points(ctx.study), trial.number, variant.name, state,
-                        outcome.last_val_acc, reason)
+                        results.last_val_acc, reason)
     ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
 
 
@@ -100,55 +97,37 @@ def _open_run(ctx: TrialContext, trial, variant: Variant) -> str:
 
 
 def _stop(ctx: TrialContext, trial, run_id: str | None, exc: BaseException) -> NoReturn:
-    """Interrupted, or MLflow is down: the point goes back to WAITING and resumes its rung on
+    """Interrupted, or a store is down: the point goes back to WAITING and resumes its rung on
     the next run; the worker stops."""
-    from .study import TrackingUnavailable, _one_line
-    from .tracking import is_tracking_outage
+    from .trial import StoreUnavailable
 
     with ctx.interrupts.deferred():
         _pause(ctx, trial, run_id)
-    if isinstance(exc, Exception) and is_tracking_outage(exc):
-        raise TrackingUnavailable(
-            f"MLflow could not record trial {trial.number} ({_one_line(exc)}); it resumes its "
+    if outcome_of(exc).store_down:
+        store = "the Optuna storage" if from_optuna(exc) else "the tracking store"
+        raise StoreUnavailable(
+            f"{store} could not record trial {trial.number} ({one_line(exc)}); it resumes its "
             "rung when you run the same command again") from None
     raise exc
 
 
-def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | None,
-            outcome: TrialOutcome) -> None:
-    """Close the MLflow run first, then tell Optuna (as study._finish)."""
-    import optuna
-
-    from .tracking import redact
-
-    ctx.tracker.finish_trial(run_id, state, reason, outcome.metrics())
-    if reason:
-        trial.set_user_attr("reason", redact(reason))
-    if outcome.param_count is not None:
-        trial.set_user_attr("param_count", outcome.param_count)
-    if state == "COMPLETE":
-        ctx.study.tell(trial, outcome.last_val_acc)
-    else:
-        ctx.study.tell(trial, state=getattr(optuna.trial.TrialState, state))
-
-
 def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWork,
-           outcome: TrialOutcome, progress: StudyProgress) -> None:
+           results: TrialResults, progress: StudyProgress) -> None:
     """runner.train_and_log for the epochs of one rung, with Optuna's report and pruner."""
     from .train import Trainer
 
     config, tracker, data = ctx.settings.config, ctx.tracker, ctx.data
     trainer = Trainer(variant.to_dict(), data, config.training, ctx.device,
                       flip=config.data.use_flip)
-    outcome.param_count = trainer.param_count
+    results.param_count = trainer.param_count
     saved = _load_checkpoint(tracker, run_id)
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
-        outcome.last_val_acc, outcome.best_val_acc = saved["last_val_acc"], saved["best_val_acc"]
-        outcome.train_seconds = trainer.train_seconds
+        results.last_val_acc, results.best_val_acc = saved["last_val_acc"], saved["best_val_acc"]
+        results.train_seconds = trainer.train_seconds
     chance = 1.0 / data.num_classes
     for result in trainer.epochs(stop=work.rung.epochs):
-        record_epoch(tracker, run_id, result, outcome, trainer.train_seconds)
+        record_epoch(tracker, run_id, result, results, trainer.train_seconds)
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
         trial.report(result.val_acc, result.epoch)
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
@@ -159,20 +138,20 @@ def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWo
             raise TrialStopped(reason)
     if not work.last_rung:
         _save_checkpoint(tracker, run_id, {"trainer": trainer.state_dict(),
-                                           "last_val_acc": outcome.last_val_acc,
-                                           "best_val_acc": outcome.best_val_acc})
+                                           "last_val_acc": results.last_val_acc,
+                                           "best_val_acc": results.best_val_acc})
         return
-    finish_training(tracker, run_id, trainer, data, config, outcome)
+    finish_training(tracker, run_id, trainer, data, config, results)
 
 
-def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, outcome: TrialOutcome) -> None:
+def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, results: TrialResults) -> None:
     """Record the rung's result, then let the point wait (in this order: see `_rank...`)."""
     from optuna.trial import TrialState
 
     storage = ctx.study._storage
-    for key, value in (("best_val_acc", outcome.best_val_acc), ("param_count", outcome.param_count),
-                       ("train_seconds", outcome.train_seconds),
-                       (f"rung_{rung.number}_val_acc", outcome.last_val_acc),
+    for key, value in (("best_val_acc", results.best_val_acc), ("param_count", results.param_count),
+                       ("train_seconds", results.train_seconds),
+                       (f"rung_{rung.number}_val_acc", results.last_val_acc),
                        ("rung_done", rung.number)):
         storage.set_trial_user_attr(trial._trial_id, key, value)
     storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)

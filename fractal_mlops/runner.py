@@ -1,12 +1,12 @@
 """Train one variant into one MLflow run: the per-epoch loop that the study and reproduce share.
 
-    outcome = TrialOutcome()
+    results = TrialResults()
     try:
-        train_and_log(tracker, run_id, variant, data, config, device, outcome, on_epoch=hook)
+        train_and_log(tracker, run_id, variant, data, config, device, results, on_epoch=hook)
         state, reason = "COMPLETE", None
     except TrialStopped as stopped:        # non-finite loss, divergence, or the hook said stop
         state, reason = "PRUNED", str(stopped)
-    tracker.finish_trial(run_id, state, reason, outcome.metrics())
+    tracker.finish_trial(run_id, state, reason, results.metrics())
 
 Each epoch is logged (step = epoch) before anything decides to stop, so a stopped run keeps the
 epochs it trained. The divergence check is a function of the config and the metrics only, so a
@@ -65,7 +65,7 @@ class TrialStopped(Exception):
 
 
 @dataclass
-class TrialOutcome:
+class TrialResults:
     """What a trial produced so far (kept when it stops early)."""
 
     final: dict[str, float] | None = None
@@ -93,52 +93,52 @@ def divergence_reason(val_acc: float, epoch: int, chance: float,
     return None
 
 
-def record_epoch(tracker: Tracker, run_id: str, result: EpochResult, outcome: TrialOutcome,
+def record_epoch(tracker: Tracker, run_id: str, result: EpochResult, results: TrialResults,
                  train_seconds: float) -> None:
     """Log one epoch and keep what the trial has produced; a non-finite loss stops it."""
     tracker.log_epoch(run_id, result)
-    outcome.train_seconds = train_seconds
+    results.train_seconds = train_seconds
     if result.stop_reason:
         raise TrialStopped(result.stop_reason)
-    outcome.last_val_acc = result.val_acc
-    outcome.best_val_acc = max(result.val_acc, outcome.best_val_acc or 0.0)
+    results.last_val_acc = result.val_acc
+    results.best_val_acc = max(result.val_acc, results.best_val_acc or 0.0)
 
 
 def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
-                  config: ExperimentConfig, device: torch.device, outcome: TrialOutcome,
+                  config: ExperimentConfig, device: torch.device, results: TrialResults,
                   on_epoch: EpochHook | None = None) -> None:
     """Train `variant` and log every epoch, the final metrics' inputs, the anytime curve
     (confidence-halted inference at `evaluation.halting_threshold`) and the model to `run_id`.
 
     Raises TrialStopped (after logging that epoch) on a non-finite loss, on divergence, or when
-    `on_epoch` returns a reason. On success `outcome.final` holds the final metrics; the caller
-    closes the run with `tracker.finish_trial(run_id, ..., outcome.metrics())`.
+    `on_epoch` returns a reason. On success `results.final` holds the final metrics; the caller
+    closes the run with `tracker.finish_trial(run_id, ..., results.metrics())`.
     """
     from .train import Trainer
 
     trainer = Trainer(variant.to_dict(), data, config.training, device,
                       flip=config.data.use_flip)
-    outcome.param_count = trainer.param_count
+    results.param_count = trainer.param_count
     chance = 1.0 / data.num_classes
     for result in trainer.epochs():
-        record_epoch(tracker, run_id, result, outcome, trainer.train_seconds)
+        record_epoch(tracker, run_id, result, results, trainer.train_seconds)
         hook_reason = on_epoch(result) if on_epoch is not None else None
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
         if reason or hook_reason:
             raise TrialStopped(reason or hook_reason)
-    finish_training(tracker, run_id, trainer, data, config, outcome)
+    finish_training(tracker, run_id, trainer, data, config, results)
 
 
 def finish_training(tracker: Tracker, run_id: str, trainer: Trainer, data: Dataset,
-                    config: ExperimentConfig, outcome: TrialOutcome) -> None:
+                    config: ExperimentConfig, results: TrialResults) -> None:
     """A trial trained to its last epoch: final metrics (each column alone, halting at
-    `evaluation.halting_threshold`) into `outcome.final`, anytime.csv and the model logged."""
-    final = {"final_val_acc": outcome.last_val_acc, "best_val_acc": outcome.best_val_acc,
+    `evaluation.halting_threshold`) into `results.final`, anytime.csv and the model logged."""
+    final = {"final_val_acc": results.last_val_acc, "best_val_acc": results.best_val_acc,
              "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
     threshold = config.evaluation.halting_threshold
     column_accuracies, halting, curve = trainer.anytime(threshold)
     final.update({f"val_acc_column_{k}": acc for k, acc in column_accuracies.items()})
     final.update(halting_val_acc=halting.accuracy, halting_compute=halting.compute_fraction)
-    outcome.final = final
+    results.final = final
     tracker.log_text(run_id, curve, ANYTIME_ARTIFACT)
     tracker.log_model(run_id, trainer.model, tuple(data.train_x.shape[1:]), data.num_classes)

@@ -139,10 +139,6 @@ def _advisory_lock(url: str, study_name: str) -> Iterator[None]:
 
 # -- worker liveness ------------------------------------------------------------------------
 
-WORKER_LOST = "worker lost"
-TRACKING_FAILED = "tracking store unavailable"
-RETRYABLE = (WORKER_LOST, "interrupted", TRACKING_FAILED)  # FAIL reasons: the point is trained again
-
 HEARTBEAT_SECONDS = 10.0
 HEARTBEAT_GRACE = 60.0  # a remote worker silent this long is lost
 

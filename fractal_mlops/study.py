@@ -13,32 +13,29 @@ nothing. `--help` imports neither torch, timm nor mlflow.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from .claims import (
-    Heartbeat,
-    claim_next,
     close_orphaned_runs,
     grid_sampler,
     points_done,
-    recover_lost_trials,
 )
 from .cli import OneLineParser
 from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
 from .errors import ServerFault, is_outage
+from .outcome import (
+    TrialState,
+    one_line,
+)
 from .preflight import check_feasible, check_workers
 from .repair import restart_study, trained_nothing
-from .runner import TrialOutcome, TrialStopped, train_and_log, trial_config_yaml, trial_params
 from .signals import InterruptGuard
 from .space import Variant, grid
 from .storage import (
-    TRACKING_FAILED,
-    WORKER_LOST,
     StorageSpec,
     check_storage,
     claim_lock,
@@ -46,13 +43,13 @@ from .storage import (
     open_storage,
     resolve_storage,
 )
-from .tracking import check_tracking_uri, is_tracking_outage, redact, resolve_tracking_uri
+from .tracking import check_tracking_uri, redact, resolve_tracking_uri
+from .trial import StoreUnavailable, TrialContext, claim_and_run
 from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
 
 if TYPE_CHECKING:
     import optuna
 
-    from .console import StudyProgress
     from .tracking import Tracker
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
@@ -123,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
-    except (TrackingUnavailable, ServerFault) as exc:
+    except (StoreUnavailable, ServerFault) as exc:
         error_line(redact(str(exc)))
         return 1
     except Exception as exc:
         if not is_outage(exc):  # a store went away outside a trial's own handling
             raise
-        error_line(f"a store stopped answering ({_one_line(exc)[:300]}); run the same command "
+        error_line(f"a store stopped answering ({one_line(exc, 300)}); run the same command "
                    "again when it is back: the running trial is then recovered")
         return 1
     except KeyboardInterrupt as exc:
@@ -138,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                        "(interrupted), or in halving mode wait to resume their rung; no worker "
                        "is left running; run the same command again to resume")
         return exit_code(exc)
-
-
-class TrackingUnavailable(Exception):
-    """MLflow could not be reached while recording a trial: the worker stops (exit 1)."""
 
 
 # -- one worker ----------------------------------------------------------------------------
@@ -263,159 +256,6 @@ def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
     return params
 
 
-# -- one trial --------------------------------------------------------------------------------
-
-@dataclass
-class TrialContext:
-    study: Any
-    tracker: Any
-    parent_run_id: str
-    settings: StudySettings
-    data: Any
-    device: Any
-    variants: list[Variant]
-    interrupts: InterruptGuard
-
-
-def claim_and_run(ctx: TrialContext, progress: StudyProgress) -> bool:
-    """Claim the next pending grid point and train it; False when none is left.
-
-    Ctrl-C / SIGTERM wait from the claim until run_trial is ready to record them, so that an
-    interrupt never leaves a claimed trial or a started run behind unclosed.
-    """
-    settings = ctx.settings
-    ctx.interrupts.hold()  # released inside run_trial
-    try:
-        with claim_lock(settings.storage, settings.study_name):
-            recover_lost_trials(ctx.study, ctx.tracker)
-            claimed = claim_next(ctx.study, ctx.variants)
-        if claimed is not None:
-            trial, variant, position = claimed
-            progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
-            run_id = _start_run(ctx, trial, variant)
-    except BaseException:
-        ctx.interrupts.release(raise_pending=False)
-        raise
-    if claimed is None:
-        ctx.interrupts.release()
-        return False
-    run_trial(ctx, trial, variant, run_id, progress)
-    return True
-
-
-def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
-    import torch
-
-    config = ctx.settings.config
-    try:
-        run_id = ctx.tracker.start_trial(
-            ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
-            trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
-            trial_config_yaml(variant, config), config.sha256, ctx.data)
-        trial.set_user_attr("mlflow_run_id", run_id)
-    except Exception as exc:  # noqa: BLE001
-        _tracking_lost(ctx, trial, None, exc)
-    return run_id
-
-
-def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
-              progress: StudyProgress) -> None:
-    """Train a claimed trial whose run has started, then close both. Called with interrupts
-    held (see claim_and_run): they are released where an interrupt is recorded."""
-    import optuna
-    from optuna.trial import TrialState
-
-    outcome, run_status = TrialOutcome(), None
-    try:
-        ctx.interrupts.release()  # raises a Ctrl-C that came while the trial was claimed
-        with Heartbeat(ctx.study, trial._trial_id):
-            train_and_track(ctx, trial, variant, run_id, outcome, progress)
-        state, reason = "COMPLETE", None
-    except optuna.TrialPruned as pruned:
-        state, reason = "PRUNED", str(pruned)
-    except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for lost
-        state, reason, run_status = "FAIL", WORKER_LOST, "KILLED"
-    except KeyboardInterrupt:
-        with ctx.interrupts.deferred():
-            _finish(ctx, trial, run_id, "FAIL", "interrupted", outcome, TrialState.FAIL, "KILLED")
-        raise
-    except Exception as exc:  # noqa: BLE001 - any error fails this trial, the study goes on
-        if is_tracking_outage(exc):
-            _tracking_lost(ctx, trial, run_id, exc)
-        state, reason = "FAIL", _one_line(exc)
-    optuna_state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
-                    "FAIL": TrialState.FAIL}[state]
-    with ctx.interrupts.deferred():
-        try:
-            _finish(ctx, trial, run_id, state, reason, outcome, optuna_state, run_status)
-        except Exception as exc:
-            if not is_tracking_outage(exc):
-                raise
-            _tracking_lost(ctx, trial, run_id, exc)
-    progress.trial_done(points_done(ctx.study), trial.number, variant.name, state,
-                        outcome.last_val_acc, reason)
-    ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
-
-
-def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
-                    outcome: TrialOutcome, progress: StudyProgress) -> None:
-    """runner.train_and_log (shared with reproduce), plus Optuna's report and pruner."""
-    import optuna
-
-    config = ctx.settings.config
-
-    def on_epoch(result) -> str | None:
-        progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        trial.report(result.val_acc, result.epoch)
-        if trial.should_prune():
-            return (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
-                    f"{result.epoch} is below the other trials'")
-        return None
-
-    try:
-        train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, outcome,
-                      on_epoch=on_epoch)
-    except TrialStopped as stopped:
-        raise optuna.TrialPruned(str(stopped)) from None
-
-
-def _finish(ctx: TrialContext, trial, run_id: str, state: str, reason: str | None,
-            outcome: TrialOutcome, optuna_state, run_status: str | None = None) -> None:
-    """Close the MLflow run first, then tell Optuna (a crash in between is recovered)."""
-    ctx.tracker.finish_trial(run_id, state, reason, outcome.metrics(), status=run_status)
-    try:
-        if reason:
-            trial.set_user_attr("reason", redact(reason))
-        if outcome.param_count is not None:
-            trial.set_user_attr("param_count", outcome.param_count)
-        if optuna_state.name == "COMPLETE":
-            ctx.study.tell(trial, outcome.last_val_acc)
-        else:
-            ctx.study.tell(trial, state=optuna_state)
-    except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
-        print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
-
-
-def _tracking_lost(ctx: TrialContext, trial, run_id: str | None, exc: Exception) -> NoReturn:
-    """MLflow stopped answering: FAIL the trial with a retryable reason and stop this worker,
-    rather than failing every remaining grid point against a dead store."""
-    from optuna.trial import TrialState
-
-    trial.set_user_attr("reason", TRACKING_FAILED)
-    if run_id is not None:
-        with contextlib.suppress(Exception):  # the store may be back already
-            ctx.tracker.finish_trial(run_id, "FAIL", TRACKING_FAILED, status="KILLED")
-    ctx.study.tell(trial, state=TrialState.FAIL)
-    raise TrackingUnavailable(
-        f"MLflow could not record trial {trial.number} ({_one_line(exc)}); its grid point stays "
-        "pending: run the same command again when the tracking store is back") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:1000]
-
-
 # -- the end: leaderboard -------------------------------------------------------------------
 
 def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | None,
@@ -433,7 +273,7 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
                              t.user_attrs.get("param_count"), seconds, t.user_attrs.get("reason")))
     if tracker is not None and parent_run_id:
         counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
-                  for s in ("COMPLETE", "PRUNED", "FAIL")}
+                  for s in TrialState}
         tracker.update_study_summary(parent_run_id, study.study_name, counts, grid_size,
                                      points_done(study))
     return rows

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError
-from .errors import ServerFault, is_outage, is_unique_violation
+from .errors import ServerFault, is_unique_violation
 from .outage import bound_http_retries
+from .outcome import RETRYABLE, TrialState
 from .stores import (
     check_database_url,
     check_sqlite_url,
@@ -50,7 +51,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 TRACKING_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"}
 ROLE, STATE, REASON, VARIANT = "fractal.role", "fractal.state", "fractal.reason", "fractal.variant"
 MODEL_URI, CONFIG_SHA, REPRODUCES = "fractal.model_uri", "fractal.config_sha256", "fractal.reproduces"
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 
 
 
@@ -273,7 +273,7 @@ class Tracker:
             self._log_dataset(run_id, dataset)
         except Exception as exc:
             with contextlib.suppress(Exception):  # leave no RUNNING run behind, if the store lets us
-                self.finish_trial(run_id, "FAIL", f"recording the trial failed: {exc}")
+                self.finish_trial(run_id, TrialState.FAIL, f"recording the trial failed: {exc}")
             raise
         return run_id
 
@@ -326,7 +326,6 @@ class Tracker:
                      status: str | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        from .storage import RETRYABLE
 
         now = int(time.time() * 1000)
         reason = redact(reason)[:5000] if reason else None
@@ -343,7 +342,7 @@ class Tracker:
                  "dataset_digest": record.dataset_digest} if record and record.model_id else {}
         metrics = [Metric(k, v, now, 0, **model) for k, v in final_metrics.items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, status or RUN_STATUS[state])
+        self.client.set_terminated(run_id, status or TrialState(state).run_status)
         if record and record.parent_run_id:
             self.touch_study_run(record.parent_run_id)
             self._worked_for.add(record.parent_run_id)
@@ -406,7 +405,7 @@ class Tracker:
                 self.client.log_inputs(run_id, datasets=inputs)
                 return
             except Exception as exc:
-                if attempt == 4 or not _is_unique_violation(exc):
+                if attempt == 4 or not is_unique_violation(exc):
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
@@ -431,16 +430,6 @@ def mlflow_error_line(exc: BaseException) -> str | None:
     if not isinstance(exc, MlflowException):
         return None
     return f"MLflow: {redact(' '.join(str(exc.message).split()))[:500]}"
-
-
-def is_tracking_outage(exc: BaseException) -> bool:
-    """Is MLflow unreachable (the server, or the database behind it), rather than refusing
-    one request? (A refused request fails its trial; an outage stops the worker.)"""
-    return is_outage(exc)
-
-
-def _is_unique_violation(exc: Exception) -> bool:
-    return is_unique_violation(exc)
 
 
 def _pip_requirements() -> list[str]:

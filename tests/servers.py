@@ -243,8 +243,10 @@ def _create_role_and_databases(cluster: PostgresCluster, databases: Sequence[str
 
 
 def stop_cluster(cluster: PostgresCluster) -> None:
-    """The server goes away (as a crash would), keeping its data."""
-    _stop_cluster(find_pg_binary("pg_ctl"), cluster.data_dir, _run_as())
+    """The server goes away, as in a restart or a failover: its clients' connections are
+    closed and new ones refused. A "fast" stop, not an "immediate" one: with durability
+    switched off here, a crash would lose commits that a real server keeps."""
+    _stop_cluster(find_pg_binary("pg_ctl"), cluster.data_dir, _run_as(), mode="fast")
 
 
 def start_cluster(cluster: PostgresCluster, timeout: float = 60) -> None:
@@ -259,8 +261,8 @@ def start_cluster(cluster: PostgresCluster, timeout: float = 60) -> None:
                                f"{result.stderr.strip()}\n{_log_tail(cluster.log_file)}")
 
 
-def _stop_cluster(pg_ctl: str, data_dir: Path, run_as: dict) -> None:
-    result = subprocess.run([pg_ctl, "stop", "-D", str(data_dir), "-m", "immediate", "-w"],
+def _stop_cluster(pg_ctl: str, data_dir: Path, run_as: dict, mode: str = "immediate") -> None:
+    result = subprocess.run([pg_ctl, "stop", "-D", str(data_dir), "-m", mode, "-w"],
                             capture_output=True, text=True, **run_as)
     if result.returncode == 0:
         return

@@ -20,7 +20,8 @@ def worker(study_dir: StudyDir):
     from fractal_mlops.data import load_dataset
     from fractal_mlops.signals import InterruptGuard
     from fractal_mlops.space import grid
-    from fractal_mlops.study import TrialContext, build_parser, open_stores, resolve_settings
+    from fractal_mlops.study import build_parser, open_stores, resolve_settings
+    from fractal_mlops.trial import TrialContext
 
     config = write_config(study_dir.root / "one.yaml", study_name="one",
                           space={"blocks": [1], "columns": [1], "width": [8],
@@ -54,7 +55,7 @@ def interrupt_during(tracker, method: str) -> None:
 
 
 def test_ctrl_c_while_the_run_starts_closes_it_as_interrupted(worker, study_dir: StudyDir):
-    from fractal_mlops.study import claim_and_run
+    from fractal_mlops.trial import claim_and_run
 
     context, progress = worker
     interrupt_during(context.tracker, "start_trial")
@@ -68,7 +69,7 @@ def test_ctrl_c_while_the_run_starts_closes_it_as_interrupted(worker, study_dir:
 
 
 def test_ctrl_c_while_the_run_closes_keeps_the_finished_trial(worker, study_dir: StudyDir):
-    from fractal_mlops.study import claim_and_run
+    from fractal_mlops.trial import claim_and_run
 
     context, progress = worker
     interrupt_during(context.tracker, "finish_trial")

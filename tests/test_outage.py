@@ -82,9 +82,16 @@ def test_a_postgresql_storage_that_goes_away_is_waited_for_then_the_rerun_recove
         waits = [line for line in err.splitlines() if "waiting for the Optuna storage" in line]
         assert waits, err
         assert f"{cluster.host}:{cluster.port}/optuna" in waits[0], waits[0]
-        assert "connection refused" in waits[0] and "within about 30 s" in waits[0], waits[0]
+        # libpq's words depend on when the connect lands: refused, or closed mid-shutdown
+        reasons = ("(connection refused)", "(connection closed)", "(server starting or stopping)")
+        assert any(r in waits[0] for r in reasons) and "within about 30 s" in waits[0], waits[0]
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "run the same command again" in errors[0], err
+        assert "the Optuna storage could not record trial 0" in errors[0], errors[0]
+        # MLflow still answers: the worker closed the trial's run itself, saying why
+        run = study.client().get_run(run_id)
+        assert run.info.status == "KILLED", run.info
+        assert run.data.tags["fractal.reason"] == "Optuna storage unavailable", run.data.tags
 
         start_cluster(cluster)  # the database is back: the same command picks the study up
         rerun = study.run("--config", str(config), *study.args())
@@ -94,6 +101,7 @@ def test_a_postgresql_storage_that_goes_away_is_waited_for_then_the_rerun_recove
         points = finished_points(trials)
         assert len(points) == 1 and set(points.values()) == {1}, points  # trained once, not twice
         assert not [t for t in trials if t.state.name == "RUNNING"]
-        # Known gap (see the closing note of stop 16): the interrupted trial's MLflow run is
-        # sometimes left RUNNING after the rerun; not asserted here until it is fixed.
-        assert run_id
+        assert [t.user_attrs.get("reason") for t in trials if t.state.name == "FAIL"] == [
+            "worker lost"]  # the Optuna trial the outage left RUNNING, recovered by the rerun
+        assert study.client().get_run(run_id).info.status == "KILLED"
+        assert not study.running_trial_runs()

@@ -1,0 +1,186 @@
+"""One trial of the grid: claim a point, train it, record how it ended in both stores.
+
+The order keeps every ending recoverable: the trial is claimed and its run started with
+interrupts held; training ends in an exception or not, `outcome.outcome_of` says what that
+means, the MLflow run is closed first and Optuna told second (a crash in between is recovered
+by the next run), and only then may an interrupt or a store outage stop the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .claims import Heartbeat, claim_next, points_done, recover_lost_trials
+from .errors import is_outage
+from .outcome import STORAGE_FAILED, TRACKING_FAILED, Outcome, TrialState, one_line, outcome_of
+from .runner import TrialResults, TrialStopped, train_and_log, trial_config_yaml, trial_params
+from .signals import InterruptGuard
+from .space import Variant
+from .storage import claim_lock
+from .urls import redact
+
+if TYPE_CHECKING:
+    from .console import StudyProgress
+    from .study import StudySettings
+
+
+class StoreUnavailable(Exception):
+    """A store could not be reached while recording a trial: the worker stops (exit 1)."""
+
+
+@dataclass
+class TrialContext:
+    study: Any
+    tracker: Any
+    parent_run_id: str
+    settings: StudySettings
+    data: Any
+    device: Any
+    variants: list[Variant]
+    interrupts: InterruptGuard
+
+
+def claim_and_run(ctx: TrialContext, progress: StudyProgress) -> bool:
+    """Claim the next pending grid point and train it; False when none is left.
+
+    Ctrl-C / SIGTERM wait from the claim until run_trial is ready to record them, so that an
+    interrupt never leaves a claimed trial or a started run behind unclosed.
+    """
+    settings = ctx.settings
+    ctx.interrupts.hold()  # released inside run_trial
+    try:
+        with claim_lock(settings.storage, settings.study_name):
+            recover_lost_trials(ctx.study, ctx.tracker)
+            claimed = claim_next(ctx.study, ctx.variants)
+        if claimed is not None:
+            trial, variant, position = claimed
+            progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
+            run_id = _start_run(ctx, trial, variant)
+    except BaseException:
+        ctx.interrupts.release(raise_pending=False)
+        raise
+    if claimed is None:
+        ctx.interrupts.release()
+        return False
+    run_trial(ctx, trial, variant, run_id, progress)
+    return True
+
+
+def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
+    import torch
+
+    config, run_id = ctx.settings.config, None
+    try:
+        run_id = ctx.tracker.start_trial(
+            ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
+            trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
+            trial_config_yaml(variant, config), config.sha256, ctx.data)
+        trial.set_user_attr("mlflow_run_id", run_id)
+    except Exception as exc:  # noqa: BLE001 - the trial cannot be recorded: stop here
+        outcome = outcome_of(exc)
+        if not outcome.stops_worker:  # MLflow refused the run: no trial can be recorded
+            outcome = Outcome(TrialState.FAIL, TRACKING_FAILED, killed=True, stops_worker=True)
+        _record_where_possible(ctx, trial, run_id, outcome, TrialResults())
+        _stop_worker(trial, outcome, exc)
+    return run_id
+
+
+def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
+              progress: StudyProgress) -> None:
+    """Train a claimed trial whose run has started, then record how it ended (outcome_of) in
+    both stores. Called with interrupts held (see claim_and_run): they are released where an
+    interrupt is recorded."""
+    results, error = TrialResults(), None
+    try:
+        ctx.interrupts.release()  # raises a Ctrl-C that came while the trial was claimed
+        with Heartbeat(ctx.study, trial._trial_id):
+            train_and_track(ctx, trial, variant, run_id, results, progress)
+    except (Exception, KeyboardInterrupt) as exc:  # every ending is recorded, as outcome_of says
+        error = exc
+    outcome = outcome_of(error)
+    with ctx.interrupts.deferred():
+        if outcome.store_down:
+            _record_where_possible(ctx, trial, run_id, outcome, results)
+        else:
+            try:
+                record_end(ctx, trial, run_id, outcome, results)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                error, outcome = exc, outcome_of(exc)  # a store went away meanwhile
+                _record_where_possible(ctx, trial, run_id, outcome, results)
+    if outcome.stops_worker:
+        _stop_worker(trial, outcome, error)
+    progress.trial_done(points_done(ctx.study), trial.number, variant.name, outcome.state,
+                        results.last_val_acc, outcome.reason)
+    ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
+
+
+def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
+                    results: TrialResults, progress: StudyProgress) -> None:
+    """runner.train_and_log (shared with reproduce), plus Optuna's report and pruner."""
+    import optuna
+
+    config = ctx.settings.config
+
+    def on_epoch(result) -> str | None:
+        progress.epoch_done(result.epoch, result.val_acc, variant.name)
+        trial.report(result.val_acc, result.epoch)
+        if trial.should_prune():
+            return (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
+                    f"{result.epoch} is below the other trials'")
+        return None
+
+    try:
+        train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, results,
+                      on_epoch=on_epoch)
+    except TrialStopped as stopped:
+        raise optuna.TrialPruned(str(stopped)) from None
+
+
+def record_end(ctx: TrialContext, trial, run_id: str, outcome: Outcome,
+               results: TrialResults) -> None:
+    """Close the MLflow run first, then tell Optuna (a crash in between is recovered)."""
+    ctx.tracker.finish_trial(run_id, outcome.state, outcome.reason, results.metrics(),
+                             status=outcome.run_status)
+    _tell(ctx, trial, outcome, results)
+
+
+def _record_where_possible(ctx: TrialContext, trial, run_id: str, outcome: Outcome,
+                           results: TrialResults) -> None:
+    """A store went away: record the end in the store that still answers. An Optuna trial
+    left RUNNING is recovered by the next run; an MLflow run left RUNNING is closed by it."""
+    if run_id is not None:
+        with contextlib.suppress(Exception):
+            ctx.tracker.finish_trial(run_id, outcome.state, outcome.reason, results.metrics(),
+                                     status=outcome.run_status)
+    with contextlib.suppress(Exception):
+        _tell(ctx, trial, outcome, results)
+
+
+def _tell(ctx: TrialContext, trial, outcome: Outcome, results: TrialResults) -> None:
+    try:
+        if outcome.reason:
+            trial.set_user_attr("reason", redact(outcome.reason))
+        if results.param_count is not None:
+            trial.set_user_attr("param_count", results.param_count)
+        if outcome.state is TrialState.COMPLETE:
+            ctx.study.tell(trial, results.last_val_acc)
+        else:
+            ctx.study.tell(trial, state=outcome.state.optuna_state)
+    except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
+        print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
+
+
+def _stop_worker(trial, outcome: Outcome, error: BaseException | None) -> NoReturn:
+    """The end is recorded; an interrupt or a store outage now stops this worker, rather than
+    failing every remaining grid point against a dead store."""
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    store = "the Optuna storage" if outcome.reason == STORAGE_FAILED else "the tracking store"
+    raise StoreUnavailable(
+        f"{store} could not record trial {trial.number} ({one_line(error, 300)}); its grid point "
+        f"stays pending: run the same command again when {store} is back") from None
