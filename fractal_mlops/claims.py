@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .outcome import RETRYABLE, WORKER_LOST
+from .outcome import WORKER_LOST, final_failures
 from .space import Variant
 from .storage import heartbeat_settings, worker_identity, worker_is_gone
 
@@ -46,9 +46,8 @@ def finished_points(trials: list[FrozenTrial]) -> set[str]:
     """Variants that have their final COMPLETE / PRUNED / FAIL trial."""
     from optuna.trial import TrialState
 
-    return {t.params["variant"] for t in trials if "variant" in t.params and (
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-            t.state == TrialState.FAIL and t.user_attrs.get("reason") not in RETRYABLE))}
+    return final_failures(trials) | {t.params["variant"] for t in trials if "variant" in t.params
+                                     and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
 
 
 def points_done(study: optuna.Study) -> int:

@@ -244,10 +244,14 @@ class DeviceLoader:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = (torch.randperm(len(self.x), generator=generator) if self.shuffle
                  else torch.arange(len(self.x))).to(self.device)
+        # the epoch's flips in one draw and one copy: none per step (the same numbers as a
+        # draw per batch, which the generator gives in sequence)
+        flips = ((torch.rand(len(self.x), generator=generator) < 0.5).to(self.device)
+                 if self.flip else None)
         for start in range(0, len(self.x), self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.x[index].float().div_(255).sub_(self.mean).div_(self.std)
-            if self.flip:
-                flip = (torch.rand(len(index), generator=generator) < 0.5).to(self.device)
-                images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+            if flips is not None:
+                flip = flips[start:start + self.batch_size].view(-1, 1, 1, 1)
+                images = torch.where(flip, images.flip(3), images)
             yield images.contiguous(memory_format=self.memory_format), self.y[index]

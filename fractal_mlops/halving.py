@@ -147,11 +147,13 @@ def _current_trials(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
     """Each started point's trial (a FAIL that the grid mode would retry does not count)."""
     from optuna.trial import TrialState
 
-    from .outcome import RETRYABLE
+    from .outcome import RETRYABLE, final_failures
 
+    final = final_failures(trials)
     points: dict[str, FrozenTrial] = {}
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("reason") in RETRYABLE:
+        if (t.state == TrialState.FAIL and t.user_attrs.get("reason") in RETRYABLE
+                and t.params.get("variant") not in final):
             continue
         if "variant" in t.params:
             points[t.params["variant"]] = t

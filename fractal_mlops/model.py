@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -74,15 +75,20 @@ def make_unit(in_ch: int, out_ch: int, ops: tuple[str, ...], norm: str, activati
 
 
 def join(inputs: list[Tensor], drop_prob: float) -> Tensor:
-    """Mean of the inputs; with drop_prob > 0 each is dropped, keeping at least one."""
+    """Mean of the inputs; with drop_prob > 0 each is dropped, keeping at least one.
+
+    Drop decisions come from Python's `random` (seeded with the trial), never from a tensor: a
+    decision read back from a device would stall the step until the GPU caught up. The mean is
+    a sum, not torch.stack(...).mean(0), which returns NCHW even for channels_last inputs."""
     if len(inputs) > 1 and drop_prob > 0:
-        keep = (torch.rand(len(inputs)) >= drop_prob).tolist()
+        keep = [random.random() >= drop_prob for _ in inputs]
         if not any(keep):
-            keep[int(torch.randint(len(inputs), ()))] = True
+            keep[random.randrange(len(inputs))] = True
         inputs = [x for x, kept in zip(inputs, keep, strict=True) if kept]
-    if len(inputs) == 1:
-        return inputs[0]
-    return torch.stack(inputs).mean(0)
+    total = inputs[0]
+    for x in inputs[1:]:
+        total = total + x
+    return total if len(inputs) == 1 else total / len(inputs)
 
 
 @contextlib.contextmanager
@@ -106,9 +112,24 @@ def frozen_norm_statistics(module: nn.Module):
 
 
 def checkpointed(module: nn.Module, *args) -> list[Tensor]:
-    """module(*args), keeping only its inputs and outputs: backward runs the forward again."""
-    return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), frozen_norm_statistics(module)))
+    """module(*args), keeping only its inputs and outputs: backward runs the forward again,
+    with the same drop-path decisions (checkpoint replays torch's RNG, `replaying` Python's)
+    and without counting the batch twice in the norms' running statistics."""
+    def contexts():  # called as the forward starts
+        return contextlib.nullcontext(), replaying(random.getstate(), module)
+
+    return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)
+
+
+@contextlib.contextmanager
+def replaying(state: tuple, module: nn.Module) -> Iterator[None]:
+    outer = random.getstate()
+    random.setstate(state)
+    try:
+        with frozen_norm_statistics(module):
+            yield
+    finally:
+        random.setstate(outer)
 
 
 class RecursiveUnits:
@@ -239,8 +260,8 @@ class FractalNet(nn.Module):
         """(global column or None, local drop probability) for one training mini-batch."""
         if not self.training or self.drop_path == "none":
             return None, 0.0
-        if self.drop_path == "local+global" and torch.rand(()) < 0.5:
-            return int(torch.randint(1, self.columns + 1, ())), 0.0
+        if self.drop_path == "local+global" and random.random() < 0.5:
+            return random.randint(1, self.columns), 0.0
         return None, self.local_drop_prob
 
     def forward_features(self, x: Tensor, column: int | None = None) -> Tensor:

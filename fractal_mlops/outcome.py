@@ -5,14 +5,20 @@
     outcome_of(KeyboardInterrupt)         FAIL "interrupted", run KILLED, the worker stops
     outcome_of(a store outage)            FAIL "<store> unavailable", run KILLED, the worker stops
     outcome_of(UpdateFinishedTrialError)  FAIL "worker lost" (another worker took it for lost)
+    outcome_of(torch.OutOfMemoryError)    FAIL "CUDA out of memory": retried, OOM_TRIES at most
+    outcome_of(any other CUDA error)      FAIL "CUDA error", the worker stops (its context is gone)
     outcome_of(any other error)           FAIL with the error's one line; the study goes on
 
-A FAIL whose reason is in RETRYABLE leaves its grid point pending: the next run trains it again.
-Knows nothing of MLflow or Optuna beyond their state names (optuna is imported when asked).
+A FAIL whose reason is in RETRYABLE leaves its grid point pending: the next run trains it again
+(`final_failure` says when a point has failed for good). Knows nothing of MLflow or Optuna
+beyond their state names (optuna is imported when asked, torch only if already loaded).
 """
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -23,7 +29,10 @@ WORKER_LOST = "worker lost"
 INTERRUPTED = "interrupted"
 TRACKING_FAILED = "tracking store unavailable"
 STORAGE_FAILED = "Optuna storage unavailable"
-RETRYABLE = (WORKER_LOST, INTERRUPTED, TRACKING_FAILED, STORAGE_FAILED)
+CUDA_OOM = "CUDA out of memory"  # often other workers' memory on the same GPU: try again later
+CUDA_FAILED = "CUDA error"  # a sticky error: the process's CUDA context is broken
+RETRYABLE = (WORKER_LOST, INTERRUPTED, TRACKING_FAILED, STORAGE_FAILED, CUDA_OOM, CUDA_FAILED)
+OOM_TRIES = 3  # a point out of GPU memory this many times has failed for good
 
 
 class TrialState(StrEnum):
@@ -81,7 +90,33 @@ def outcome_of(exc: BaseException | None) -> Outcome:
     if is_outage(exc):
         reason = STORAGE_FAILED if from_optuna(exc) else TRACKING_FAILED
         return Outcome(TrialState.FAIL, reason, killed=True, stops_worker=True)
+    cuda = cuda_failure(exc)
+    if cuda is not None:
+        return Outcome(TrialState.FAIL, cuda, stops_worker=cuda == CUDA_FAILED)
     return Outcome(TrialState.FAIL, one_line(exc))
+
+
+def cuda_failure(exc: BaseException) -> str | None:
+    """CUDA_OOM, CUDA_FAILED, or None for an error that is not the GPU's."""
+    torch = sys.modules.get("torch")  # not loaded: the error cannot be torch's
+    if torch is None or not isinstance(exc, RuntimeError):
+        return None
+    if isinstance(exc, torch.OutOfMemoryError):
+        return CUDA_OOM
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+    if isinstance(exc, accelerator_error) or str(exc).startswith("CUDA error"):
+        return CUDA_FAILED
+    return None
+
+
+def final_failures(trials: Iterable) -> set[str]:
+    """Grid points (variant names) whose FAIL trials mean they are done: a reason that is not
+    retryable, or out of GPU memory OOM_TRIES times. `trials`: Optuna FrozenTrials."""
+    fails = [(t.params.get("variant"), t.user_attrs.get("reason")) for t in trials
+             if t.state.name == "FAIL" and "variant" in t.params]
+    ooms = Counter(point for point, reason in fails if reason == CUDA_OOM)
+    return {point for point, reason in fails
+            if reason not in RETRYABLE or ooms[point] >= OOM_TRIES}
 
 
 def from_optuna(exc: BaseException) -> bool:

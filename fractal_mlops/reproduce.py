@@ -206,7 +206,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     from .outcome import outcome_of
     from .runner import TrialResults, train_and_log, trial_params
     from .tracking import Tracker, git_commit
-    from .train import resolve_device
+    from .train import resolve_device, runtime_params
 
     recorded_device = original.params.get("device", "cpu")
     if device_flag is None and recorded_device == "cuda" and not torch.cuda.is_available():
@@ -221,7 +221,9 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
         0.0 if device.type == recorded_device == "cpu" else CUDA_ATOL)
     data = load_dataset(original.config.data)  # a missing dataset fails before any write
 
-    for warning in _warnings(original, data.digest, git_commit(), device.type, recorded_device):
+    runtime = runtime_params(device, original.config.training.amp)
+    for warning in _warnings(original, data.digest, git_commit(), device.type, recorded_device,
+                             runtime):
         print(f"warning: {warning}", file=sys.stderr)
     trial = original.tags.get("optuna.trial_number", "?")
     print(f"reproducing run {original.run_id} (trial {trial} of {original.experiment_name}, "
@@ -281,7 +283,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
 
 
 def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: str,
-              recorded_device: str) -> list[str]:
+              recorded_device: str, runtime: dict[str, str]) -> list[str]:
     out = []
     recorded_commit = original.tags.get("mlflow.source.git.commit")
     if recorded_commit and commit and recorded_commit != commit:
@@ -297,6 +299,11 @@ def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: 
     if device != recorded_device:
         out.append(f"run {original.run_id} trained on {recorded_device}, this one on {device}: "
                    "expect small differences")
+    for key, here in runtime.items():  # runs recorded before these params have none
+        recorded = original.params.get(key)
+        if recorded is not None and recorded != here:
+            out.append(f"run {original.run_id} trained with {key} {recorded}, this one with "
+                       f"{here}: the metrics may differ")
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .halving import Rung, RungWork, finished_points, next_work
-from .outcome import from_optuna, one_line, outcome_of
+from .outcome import CUDA_FAILED, from_optuna, one_line, outcome_of
 from .runner import (
     TrialResults,
     TrialStopped,
@@ -46,6 +46,7 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     Ends WAITING (rung done), or COMPLETE (last rung), PRUNED (diverged) or FAIL. Called with
     interrupts held (see halving.next_work): they wait until the run is open and recorded."""
     from .claims import Heartbeat
+    from .train import release_memory
     from .trial import record_end
 
     trial, variant, rung = work.trial, work.variant, work.rung
@@ -74,6 +75,7 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
         else:
             record_end(ctx, trial, run_id, outcome, results)
             state, reason = outcome.state, outcome.reason
+    release_memory(ctx.device)
     progress.trial_done(finished_points(ctx.study), trial.number, variant.name, state,
                         results.last_val_acc, reason)
     ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
@@ -99,15 +101,21 @@ def _open_run(ctx: TrialContext, trial, variant: Variant) -> str:
 def _stop(ctx: TrialContext, trial, run_id: str | None, exc: BaseException) -> NoReturn:
     """Interrupted, or a store is down: the point goes back to WAITING and resumes its rung on
     the next run; the worker stops."""
-    from .trial import StoreUnavailable
+    from .trial import StopWorker
 
     with ctx.interrupts.deferred():
         _pause(ctx, trial, run_id)
-    if outcome_of(exc).store_down:
+    outcome = outcome_of(exc)
+    if outcome.store_down:
         store = "the Optuna storage" if from_optuna(exc) else "the tracking store"
-        raise StoreUnavailable(
-            f"{store} could not record trial {trial.number} ({one_line(exc)}); it resumes its "
-            "rung when you run the same command again") from None
+        raise StopWorker(
+            f"{store} could not record trial {trial.number} ({one_line(exc, 300)}); it resumes "
+            "its rung when you run the same command again") from None
+    if outcome.reason == CUDA_FAILED:
+        raise StopWorker(
+            f"the GPU failed in trial {trial.number} ({one_line(exc, 300)}): this process's "
+            "CUDA context is gone, so the worker stops; check the GPU (nvidia-smi), then run the "
+            "same command again: the point resumes its rung") from None
     raise exc
 
 

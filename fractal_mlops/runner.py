@@ -38,12 +38,18 @@ EpochHook = Callable[["EpochResult"], "str | None"]
 def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, device: str,
                  threads: int) -> dict[str, Any]:
     """The trial's MLflow params: every dimension, the training settings, the variant name,
-    and the normalization the logged model expects its inputs to have had."""
+    the normalization the logged model expects its inputs to have had, and the runtime
+    (train.runtime_params)."""
+    import torch
+
+    from .train import runtime_params
+
     params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
     params.update(config.to_dict()["training"])
     params["halting_threshold"] = config.evaluation.halting_threshold
     params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
                   data_mean=_rounded(data.mean), data_std=_rounded(data.std))
+    params.update(runtime_params(torch.device(device), config.training.amp))
     return params
 
 

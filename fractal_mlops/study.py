@@ -44,7 +44,7 @@ from .storage import (
     resolve_storage,
 )
 from .tracking import check_tracking_uri, redact, resolve_tracking_uri
-from .trial import StoreUnavailable, TrialContext, claim_and_run
+from .trial import StopWorker, TrialContext, claim_and_run
 from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
-    except (StoreUnavailable, ServerFault) as exc:
+    except (StopWorker, ServerFault) as exc:
         error_line(redact(str(exc)))
         return 1
     except Exception as exc:

@@ -12,6 +12,8 @@ Same seed, same machine, same thread count: identical epoch results on the CPU.
 from __future__ import annotations
 
 import contextlib
+import gc
+import platform
 import random
 import resource
 import time
@@ -49,11 +51,16 @@ class EpochResult:
     epoch_seconds: float
     images_per_second: float
     host_mem_peak_mb: float
-    gpu_mem_peak_mb: float | None = None  # only when training on CUDA
+    # only when training on CUDA: the training pass's peak allocation (before evaluation), the
+    # most the caching allocator held meanwhile (what other workers on the GPU cannot use),
+    # and evaluation's peak allocation
+    gpu_mem_peak_mb: float | None = None
+    gpu_mem_reserved_mb: float | None = None
+    gpu_eval_mem_peak_mb: float | None = None
     stop_reason: str | None = None  # training cannot go on (a non-finite loss)
 
     def metrics(self) -> dict[str, float]:
-        """The per-epoch metrics under their MLflow names (gpu_mem_peak_mb only on CUDA)."""
+        """The per-epoch metrics under their MLflow names (gpu_* only on CUDA)."""
         values = asdict(self)
         for key in ("epoch", "stop_reason"):
             values.pop(key)
@@ -94,6 +101,37 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
+def runtime_params(device: torch.device, amp: str) -> dict[str, str]:
+    """What a run depends on besides its config: the resolved amp dtype, the device's model
+    and, on CUDA, the CUDA and cuDNN versions (reproduce compares them)."""
+    dtype = resolve_amp(amp, device)
+    params = {"amp_dtype": str(dtype or torch.float32).removeprefix("torch."),
+              "torch_version": torch.__version__}
+    if device.type == "cuda":
+        params.update(device_name=torch.cuda.get_device_name(device),
+                      cuda_version=str(torch.version.cuda), cudnn_version=str(
+                          torch.backends.cudnn.version()))
+    else:
+        params["device_name"] = cpu_model()
+    return params
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine() or "cpu"
+
+
+def release_memory(device: torch.device) -> None:
+    """Between trials: what the last one left in the CUDA cache goes back to the GPU (other
+    workers on it may need it; an out-of-memory trial is retried)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def seed_everything(seed: int, device: torch.device) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -124,10 +162,15 @@ class PeakMemory:
                     return int(line.split()[1]) / 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak, KiB
 
-    def gpu_mb(self) -> float | None:
+    def gpu_mb(self) -> tuple[float, float] | tuple[None, None]:
+        """(peak allocated, peak reserved) since the last reset, in MiB; (None, None) off CUDA.
+        Resets the peaks, so the next call measures the next phase."""
         if self.device.type != "cuda":
-            return None
-        return torch.cuda.max_memory_allocated(self.device) / 2**20
+            return None, None
+        peaks = (torch.cuda.max_memory_allocated(self.device) / 2**20,
+                 torch.cuda.max_memory_reserved(self.device) / 2**20)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peaks
 
 
 class Trainer:
@@ -156,11 +199,15 @@ class Trainer:
         self.epochs_done = 0
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        """On CUDA the fused kernels: one launch per step, and GradScaler hands them its
+        overflow flag on the device instead of reading it back (a host sync per step)."""
         s = self.settings
+        fused = True if self.device.type == "cuda" else None
         if s.optimizer == "adamw":
-            return torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+            return torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
+                                     fused=fused)
         return torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
-                               weight_decay=s.weight_decay)
+                               weight_decay=s.weight_decay, fused=fused)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -178,21 +225,28 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
         for images, labels in self.train_loader:
-            with self._autocast():
-                logits = self.model(images)
-                loss = self.loss_fn(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
+            loss, logits = self.train_step(images, labels)
+            loss_sum += loss * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
         return loss_sum.item() / seen, correct.item() / seen, seen
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; (loss, logits), detached. Reads nothing back from the device
+        (no .item(), .tolist(), .cpu()), so the host queues steps ahead of a GPU."""
+        with self._autocast():
+            logits = self.model(images)
+            loss = self.loss_fn(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach(), logits.detach()
 
     @torch.no_grad()
     def evaluate(self, column: int | None = None) -> tuple[float, float]:
@@ -243,7 +297,9 @@ class Trainer:
             train_loss, train_acc, seen = self.train_epoch()
             self._sync()
             train_time = time.perf_counter() - start
+            gpu_peak, gpu_reserved = self.memory.gpu_mb()
             val_loss, val_acc = self.evaluate()
+            gpu_eval_peak, _ = self.memory.gpu_mb()
             seconds = time.perf_counter() - start
             self.train_seconds += seconds
             self.epochs_done = epoch
@@ -252,7 +308,8 @@ class Trainer:
                 which = "train" if not np.isfinite(train_loss) else "validation"
                 stop = f"non-finite {which} loss at epoch {epoch}"
             yield EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, seconds,
-                              seen / train_time, self.memory.host_mb(), self.memory.gpu_mb(), stop)
+                              seen / train_time, self.memory.host_mb(), gpu_peak, gpu_reserved,
+                              gpu_eval_peak, stop)
             if stop:
                 return
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .claims import Heartbeat, claim_next, points_done, recover_lost_trials
 from .errors import is_outage
-from .outcome import STORAGE_FAILED, TRACKING_FAILED, Outcome, TrialState, one_line, outcome_of
+from .outcome import CUDA_FAILED, STORAGE_FAILED, TRACKING_FAILED, Outcome, TrialState, one_line, outcome_of
 from .runner import TrialResults, TrialStopped, train_and_log, trial_config_yaml, trial_params
 from .signals import InterruptGuard
 from .space import Variant
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from .study import StudySettings
 
 
-class StoreUnavailable(Exception):
-    """A store could not be reached while recording a trial: the worker stops (exit 1)."""
+class StopWorker(Exception):
+    """A store went away or the GPU failed while a trial trained: the worker stops with one
+    line (exit 1); its point stays pending."""
 
 
 @dataclass
@@ -112,6 +113,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
                     raise
                 error, outcome = exc, outcome_of(exc)  # a store went away meanwhile
                 _record_where_possible(ctx, trial, run_id, outcome, results)
+    _release(ctx, error)
     if outcome.stops_worker:
         _stop_worker(trial, outcome, error)
     progress.trial_done(points_done(ctx.study), trial.number, variant.name, outcome.state,
@@ -139,6 +141,16 @@ def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
                       on_epoch=on_epoch)
     except TrialStopped as stopped:
         raise optuna.TrialPruned(str(stopped)) from None
+
+
+def _release(ctx: TrialContext, error: BaseException | None) -> None:
+    """The trial's GPU memory goes back before the next trial (an error's traceback holds the
+    frames, and so the model and batches, of the trial that raised it)."""
+    from .train import release_memory
+
+    if error is not None:
+        error.__traceback__ = None
+    release_memory(ctx.device)
 
 
 def record_end(ctx: TrialContext, trial, run_id: str, outcome: Outcome,
@@ -176,11 +188,16 @@ def _tell(ctx: TrialContext, trial, outcome: Outcome, results: TrialResults) -> 
 
 
 def _stop_worker(trial, outcome: Outcome, error: BaseException | None) -> NoReturn:
-    """The end is recorded; an interrupt or a store outage now stops this worker, rather than
-    failing every remaining grid point against a dead store."""
+    """The end is recorded; an interrupt, a store outage or a broken GPU now stops this worker,
+    rather than failing every remaining grid point against a dead store or CUDA context."""
     if isinstance(error, KeyboardInterrupt):
         raise error
+    if outcome.reason == CUDA_FAILED:
+        raise StopWorker(
+            f"the GPU failed in trial {trial.number} ({one_line(error, 300)}): this process's "
+            "CUDA context is gone, so the worker stops; its grid point stays pending: check the "
+            "GPU (nvidia-smi), then run the same command again") from None
     store = "the Optuna storage" if outcome.reason == STORAGE_FAILED else "the tracking store"
-    raise StoreUnavailable(
+    raise StopWorker(
         f"{store} could not record trial {trial.number} ({one_line(error, 300)}); its grid point "
         f"stays pending: run the same command again when {store} is back") from None

@@ -7,15 +7,22 @@ import sqlite3
 
 import optuna
 import pytest
+import torch
+from optuna.distributions import CategoricalDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState as OptunaState
 
+from fractal_mlops.claims import finished_points
 from fractal_mlops.outcome import (
+    CUDA_FAILED,
+    CUDA_OOM,
     INTERRUPTED,
+    OOM_TRIES,
     STORAGE_FAILED,
     TRACKING_FAILED,
     WORKER_LOST,
     TrialState,
+    final_failures,
     outcome_of,
 )
 from fractal_mlops.runner import TrialStopped
@@ -49,10 +56,39 @@ def test_a_trial_taken_for_lost_is_closed_and_the_worker_goes_on():
 
 
 def test_an_error_of_the_trial_fails_it_and_the_study_goes_on():
-    outcome = outcome_of(RuntimeError("CUDA error: an illegal\n memory access"))
+    outcome = outcome_of(RuntimeError("mat1 and mat2 shapes\n cannot be multiplied"))
     assert outcome.state == "FAIL" and outcome.run_status == "FAILED"
-    assert outcome.reason == "RuntimeError: CUDA error: an illegal memory access"
+    assert outcome.reason == "RuntimeError: mat1 and mat2 shapes cannot be multiplied"
     assert not outcome.stops_worker and not outcome.retryable
+
+
+def test_out_of_gpu_memory_is_retried_and_the_worker_goes_on():
+    outcome = outcome_of(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert (outcome.state, outcome.reason) == ("FAIL", CUDA_OOM)
+    assert outcome.retryable and not outcome.stops_worker
+
+
+@pytest.mark.parametrize("error", [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("CUDA error: device-side assert triggered")])  # torch before AcceleratorError
+def test_any_other_cuda_error_stops_the_worker_for_a_retry(error):
+    outcome = outcome_of(error)
+    assert (outcome.state, outcome.reason) == ("FAIL", CUDA_FAILED)
+    assert outcome.retryable and outcome.stops_worker and not outcome.store_down
+
+
+def test_final_failures_counts_out_of_memory_per_point():
+    study = optuna.create_study()
+    dist = {"variant": CategoricalDistribution(["a", "b", "c", "d"])}
+    fails = ([("a", CUDA_OOM)] * (OOM_TRIES - 1) + [("b", CUDA_OOM)] * OOM_TRIES
+             + [("c", "ValueError: bad"), ("d", WORKER_LOST)])
+    for point, reason in fails:
+        study.add_trial(optuna.trial.create_trial(
+            params={"variant": point}, distributions=dist, state=OptunaState.FAIL,
+            user_attrs={"reason": reason}))
+    # a: tries left, still pending; b: out of memory on every try; c: not retryable; d: retried
+    assert final_failures(study.get_trials()) == {"b", "c"}
+    assert finished_points(study.get_trials()) == {"b", "c"}
 
 
 def test_an_optuna_storage_that_went_away_is_named_and_stops_the_worker(tmp_path):

@@ -96,11 +96,11 @@ def test_reproducing_a_pruned_trial_stops_at_the_same_epoch(store):
 
 def forged_copy(client, source, workdir: Path, *, tags: dict | None = None,
                 training: dict | None = None, shifted: dict | None = None,
-                dataset_digest: str | None = None) -> str:
+                dataset_digest: str | None = None, params: dict | None = None) -> str:
     """A new trial run that records what `source` recorded (tags, params, config.yaml, per-epoch
     metrics) with some changes, as a run made by other code, data or settings would:
     `tags` replaced, `training` settings changed in its config.yaml, per-epoch metrics
-    `shifted` by {(key, step): delta}, a dataset input with another digest."""
+    `shifted` by {(key, step): delta}, a dataset input with another digest, `params` replaced."""
     import yaml
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
@@ -110,7 +110,8 @@ def forged_copy(client, source, workdir: Path, *, tags: dict | None = None,
     recorded_tags = {**source.data.tags, **(tags or {})}
     recorded_tags.pop("mlflow.runName", None)
     client.log_batch(forged, tags=[RunTag(k, v) for k, v in recorded_tags.items()],
-                     params=[Param(k, v) for k, v in source.data.params.items()])
+                     params=[Param(k, v) for k, v in {**source.data.params,
+                                                      **(params or {})}.items()])
     config = yaml.safe_load(Path(client.download_artifacts(
         source.info.run_id, "config.yaml", str(workdir))).read_text())
     config["training"].update(training or {})
@@ -140,7 +141,8 @@ def test_a_record_that_differs_slightly_exits_1_unless_within_atol_and_changes_a
     source = complete_trial(client)
     forged = forged_copy(client, source, store.root,
                          tags={"mlflow.source.git.commit": "0" * 40},
-                         shifted={("val_acc", 2): 1e-6}, dataset_digest="0123456789abcdef")
+                         shifted={("val_acc", 2): 1e-6}, dataset_digest="0123456789abcdef",
+                         params={"device_name": "Forged CPU 9000", "amp_dtype": "float16"})
 
     done = reproduce(store, forged)
 
@@ -151,6 +153,10 @@ def test_a_record_that_differs_slightly_exits_1_unless_within_atol_and_changes_a
     assert "git commit 000000000000" in done.stderr
     assert "warning: the dataset here (digest " in done.stderr
     assert "differs from the one the run used (0123456789abcdef)" in done.stderr
+    here = source.data.params
+    assert (f"trained with device_name Forged CPU 9000, this one with {here['device_name']}"
+            in done.stderr), done.stderr
+    assert f"trained with amp_dtype float16, this one with {here['amp_dtype']}" in done.stderr
 
     loose = reproduce(store, forged, "--atol", "1e-5")
 
@@ -249,6 +255,9 @@ def test_trial_runs_record_normalization_device_threads_and_the_git_commit(studi
         assert (params["data_mean"], params["data_std"]) == ("0.305434", "0.375959")
         assert params["device"] == "cpu"
         assert int(params["threads"]) >= 1
+        # the runtime a reproduction is compared with: no CUDA versions on a CPU run
+        assert params["amp_dtype"] in ("float32", "bfloat16") and params["device_name"]
+        assert params["torch_version"] and "cuda_version" not in params
         # the commit of the checkout whose code ran (the study ran outside it, in a tmp dir)
         assert run.data.tags.get("mlflow.source.git.commit") == commit
 

@@ -27,7 +27,8 @@ TINY = dict(blocks=1, columns=2, width=8, unit="conv-norm-act", norm="batch",
             activation="relu", dropout=0.0, drop_path="local+global")
 CONTRACT_METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds",
                     "images_per_second", "host_mem_peak_mb"}
-TIMING_AND_MEMORY = {"epoch_seconds", "images_per_second", "host_mem_peak_mb", "gpu_mem_peak_mb"}
+TIMING_AND_MEMORY = {"epoch_seconds", "images_per_second", "host_mem_peak_mb", "gpu_mem_peak_mb",
+                     "gpu_mem_reserved_mb", "gpu_eval_mem_peak_mb"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,28 @@ def test_same_seed_same_results(small_digits):
     first = run(seed=3)
     assert run(seed=3) == first
     assert run(seed=4) != first
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(small_digits, monkeypatch):
+    """On a GPU, reading a value back (.item(), .tolist(), .cpu()) stalls the host until the
+    device has caught up: the step must not, with drop-path (local and global), dropout and
+    flips all drawing. Here those reads raise inside the steps."""
+    variant = dict(TINY, columns=4, unit="conv-norm-act-drop", dropout=0.1,
+                   drop_path="local+global")
+    settings = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=0, grad_checkpointing=True)
+    trainer = Trainer(variant, small_digits, settings, flip=True)
+    batches = iter(trainer.train_loader)
+    first = next(batches)  # the epoch's shuffle and flips are drawn here, once
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a training step read a tensor back to the host")
+
+    for name in ("item", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    losses = [trainer.train_step(*batch)[0] for batch in [first, *(next(batches)
+                                                               for _ in range(7))]]
+    monkeypatch.undo()
+    assert all(math.isfinite(loss.item()) for loss in losses)
 
 
 def test_non_finite_loss_stops_training_with_a_reason(small_digits):
