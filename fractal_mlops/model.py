@@ -74,16 +74,21 @@ def make_unit(in_ch: int, out_ch: int, ops: tuple[str, ...], norm: str, activati
     return nn.Sequential(layers)
 
 
+# Drop-path decisions draw from a generator of their own (seeded by train.seed_everything), not
+# from a tensor, whose value a GPU would have to send back: the step would wait for the device.
+# Not Python's global random either, which libraries draw from (retry jitter).
+drop_rng = random.Random(0)
+
+
 def join(inputs: list[Tensor], drop_prob: float) -> Tensor:
     """Mean of the inputs; with drop_prob > 0 each is dropped, keeping at least one.
 
-    Drop decisions come from Python's `random` (seeded with the trial), never from a tensor: a
-    decision read back from a device would stall the step until the GPU caught up. The mean is
-    a sum, not torch.stack(...).mean(0), which returns NCHW even for channels_last inputs."""
+    The decisions come from `drop_rng`. The mean is a sum, not torch.stack(...).mean(0), which
+    returns NCHW even for channels_last inputs."""
     if len(inputs) > 1 and drop_prob > 0:
-        keep = [random.random() >= drop_prob for _ in inputs]
+        keep = [drop_rng.random() >= drop_prob for _ in inputs]
         if not any(keep):
-            keep[random.randrange(len(inputs))] = True
+            keep[drop_rng.randrange(len(inputs))] = True
         inputs = [x for x, kept in zip(inputs, keep, strict=True) if kept]
     total = inputs[0]
     for x in inputs[1:]:
@@ -113,23 +118,23 @@ def frozen_norm_statistics(module: nn.Module):
 
 def checkpointed(module: nn.Module, *args) -> list[Tensor]:
     """module(*args), keeping only its inputs and outputs: backward runs the forward again,
-    with the same drop-path decisions (checkpoint replays torch's RNG, `replaying` Python's)
+    with the same drop-path decisions (checkpoint replays torch's RNG, `replaying` drop_rng)
     and without counting the batch twice in the norms' running statistics."""
     def contexts():  # called as the forward starts
-        return contextlib.nullcontext(), replaying(random.getstate(), module)
+        return contextlib.nullcontext(), replaying(drop_rng.getstate(), module)
 
     return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)
 
 
 @contextlib.contextmanager
 def replaying(state: tuple, module: nn.Module) -> Iterator[None]:
-    outer = random.getstate()
-    random.setstate(state)
+    outer = drop_rng.getstate()
+    drop_rng.setstate(state)
     try:
         with frozen_norm_statistics(module):
             yield
     finally:
-        random.setstate(outer)
+        drop_rng.setstate(outer)
 
 
 class RecursiveUnits:
@@ -260,8 +265,8 @@ class FractalNet(nn.Module):
         """(global column or None, local drop probability) for one training mini-batch."""
         if not self.training or self.drop_path == "none":
             return None, 0.0
-        if self.drop_path == "local+global" and random.random() < 0.5:
-            return random.randint(1, self.columns), 0.0
+        if self.drop_path == "local+global" and drop_rng.random() < 0.5:
+            return drop_rng.randint(1, self.columns), 0.0
         return None, self.local_drop_prob
 
     def forward_features(self, x: Tensor, column: int | None = None) -> Tensor:

@@ -36,7 +36,7 @@ from .anytime import (
 )
 from .config import ConfigError, TrainConfig
 from .data import Dataset, DeviceLoader
-from .model import FractalNet, build_model, param_count
+from .model import FractalNet, build_model, drop_rng, param_count
 
 EVAL_BATCH = 512
 
@@ -134,6 +134,7 @@ def release_memory(device: torch.device) -> None:
 
 def seed_everything(seed: int, device: torch.device) -> None:
     random.seed(seed)
+    drop_rng.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -266,7 +267,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epochs_done": self.epochs_done, "train_seconds": self.train_seconds,
                  "loader_epoch": self.train_loader.epoch, "torch_rng": torch.get_rng_state(),
-                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+                 "drop_rng": drop_rng.getstate()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":
@@ -285,6 +287,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
+        if "drop_rng" in state:
+            drop_rng.setstate(state["drop_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import random
 import subprocess
 import sys
 
@@ -13,13 +12,13 @@ import torch
 from torch import nn
 
 import fractal_mlops  # noqa: F401  (registers "fractalnet" with timm)
-from fractal_mlops.model import FractalNet
+from fractal_mlops.model import FractalNet, drop_rng
 
 
 def seed(value: int) -> None:
-    """What a FractalNet draws from: torch's RNG (weights, dropout), Python's (drop-path)."""
+    """What a FractalNet draws from: torch's RNG (weights, dropout), drop_rng (drop-path)."""
     torch.manual_seed(value)
-    random.seed(value)
+    drop_rng.seed(value)
 
 
 SMALL = dict(blocks=2, columns=3, width=8, unit="conv-norm-act", norm="none",
