@@ -169,7 +169,7 @@ def lockstep(images: np.ndarray, labels: np.ndarray, mean, std, amp: str,
                 yield batch
 
     trainer.train_loader = Interleaved(trainer.train_loader)
-    _, _, seen = trainer.train_epoch()
+    seen = trainer.train_epoch().seen
     b_seconds = time.perf_counter() - clock["b_start"] - clock["a"]
     return clock["a_images"] / clock["a"], (seen - warmup * BATCH) / b_seconds
 

@@ -39,6 +39,16 @@ from .data import Dataset, DeviceLoader
 from .model import FractalNet, build_model, drop_rng, param_count
 
 EVAL_BATCH = 512
+CHECK_EVERY = 16  # training steps between looks at the non-finite flag (each look: one sync)
+
+
+@dataclass(frozen=True)
+class TrainPass:
+    loss: float  # mean over the steps (fp16: over those whose loss was finite)
+    accuracy: float
+    seen: int
+    non_finite_step: int | None  # the step whose loss was not finite (the pass stopped there)
+    skipped_steps: int | None  # fp16 only: steps GradScaler skipped for overflow
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class EpochResult:
     gpu_mem_peak_mb: float | None = None
     gpu_mem_reserved_mb: float | None = None
     gpu_eval_mem_peak_mb: float | None = None
+    amp_skipped_steps: float | None = None  # fp16 only: steps GradScaler skipped for overflow
     stop_reason: str | None = None  # training cannot go on (a non-finite loss)
 
     def metrics(self) -> dict[str, float]:
@@ -219,35 +230,55 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def train_epoch(self) -> tuple[float, float, int]:
-        """One pass over the training set: (mean loss, accuracy, images seen)."""
+    def train_epoch(self) -> TrainPass:
+        """One pass over the training set. A non-finite loss ends it (within CHECK_EVERY steps
+        of the step it happened at, which it names); with fp16, a step GradScaler skips for
+        overflow is counted and left out of the mean loss instead."""
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        zero = torch.zeros((), device=self.device, dtype=torch.int64)
+        loss_sum, counted = torch.zeros((), device=self.device), zero.clone()
+        correct, skipped = zero.clone(), zero.clone()
+        first_bad = zero - 1  # the step of the first non-finite loss, -1 while none
         seen = 0
-        for images, labels in self.train_loader:
-            loss, logits = self.train_step(images, labels)
-            loss_sum += loss * len(labels)
+        for step, (images, labels) in enumerate(self.train_loader, 1):
+            loss, logits, was_skipped = self.train_step(images, labels)
+            finite = torch.isfinite(loss)
+            if was_skipped is None:
+                loss_sum += loss * len(labels)
+                counted += len(labels)
+            else:  # GradScaler skips a step that overflowed: its loss is not a divergence
+                skipped += was_skipped
+                loss_sum += torch.where(finite, loss, 0.0) * len(labels)
+                counted += finite * len(labels)
+                finite = finite | was_skipped
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-        return loss_sum.item() / seen, correct.item() / seen, seen
+            if step % CHECK_EVERY == 0 and first_bad.item() >= 0:  # one look per CHECK_EVERY
+                break
+        bad = int(first_bad.item())
+        return TrainPass(loss_sum.item() / max(int(counted.item()), 1), correct.item() / seen,
+                         seen, bad if bad >= 0 else None,
+                         int(skipped.item()) if self.scaler is not None else None)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; (loss, logits), detached. Reads nothing back from the device
-        (no .item(), .tolist(), .cpu()), so the host queues steps ahead of a GPU."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step: (loss, logits) detached, and with fp16 whether GradScaler
+        skipped the step for overflow (a device bool). Reads nothing back from the device (no
+        .item(), .tolist(), .cpu()), so the host queues steps ahead of a GPU."""
         with self._autocast():
             logits = self.model(images)
             loss = self.loss_fn(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+        if self.scaler is None:
             loss.backward()
             self.optimizer.step()
-        return loss.detach(), logits.detach()
+            return loss.detach(), logits.detach(), None
+        self.scaler.scale(loss).backward()
+        scale = self.scaler._scale.clone()  # GradScaler halves its scale when it skips a step
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), logits.detach(), self.scaler._scale < scale
 
     @torch.no_grad()
     def evaluate(self, column: int | None = None) -> tuple[float, float]:
@@ -298,7 +329,8 @@ class Trainer:
         for epoch in range(self.epochs_done + 1, last + 1):
             self.memory.reset()
             start = time.perf_counter()
-            train_loss, train_acc, seen = self.train_epoch()
+            trained = self.train_epoch()
+            train_loss, train_acc, seen = trained.loss, trained.accuracy, trained.seen
             self._sync()
             train_time = time.perf_counter() - start
             gpu_peak, gpu_reserved = self.memory.gpu_mb()
@@ -308,12 +340,14 @@ class Trainer:
             self.train_seconds += seconds
             self.epochs_done = epoch
             stop = None
-            if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
-                which = "train" if not np.isfinite(train_loss) else "validation"
-                stop = f"non-finite {which} loss at epoch {epoch}"
+            if trained.non_finite_step is not None:
+                stop = (f"non-finite train loss at epoch {epoch}, step "
+                        f"{trained.non_finite_step}")
+            elif not np.isfinite(val_loss):
+                stop = f"non-finite validation loss at epoch {epoch}"
             yield EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, seconds,
                               seen / train_time, self.memory.host_mb(), gpu_peak, gpu_reserved,
-                              gpu_eval_peak, stop)
+                              gpu_eval_peak, trained.skipped_steps, stop)
             if stop:
                 return
 

@@ -11,6 +11,7 @@ import torch
 from fractal_mlops.config import ConfigError, DataConfig, TrainConfig
 from fractal_mlops.data import load_dataset
 from fractal_mlops.train import (
+    CHECK_EVERY,
     EpochResult,
     Trainer,
     cpu_has_native_bf16,
@@ -107,13 +108,38 @@ def test_a_training_step_reads_nothing_back_from_the_device(small_digits, monkey
     assert all(math.isfinite(loss.item()) for loss in losses)
 
 
+def test_a_non_finite_loss_ends_the_pass_near_the_step_it_happened_at(small_digits):
+    variant = dict(TINY, unit="conv-act", norm="none", drop_path="none")
+    settings = TrainConfig(epochs=1, batch_size=8, lr=1e30, seed=0)
+    trained = Trainer(variant, small_digits, settings).train_epoch()
+    assert trained.non_finite_step is not None
+    steps = math.ceil(len(small_digits.train_x) / settings.batch_size)
+    assert trained.seen < steps * settings.batch_size  # not the whole epoch on a dead model
+    assert trained.seen <= (trained.non_finite_step + CHECK_EVERY) * settings.batch_size
+
+
+def test_steps_the_grad_scaler_skips_are_counted_not_taken_for_divergence(small_digits):
+    """training.amp fp16 needs CUDA, but fp16 autocast and GradScaler work the same on the CPU:
+    a first scale too large for fp16 gradients makes the scaler skip steps (halving the scale
+    each time) until they fit; the epoch goes on and counts them."""
+    settings = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=0)
+    trainer = Trainer(TINY, small_digits, settings)
+    trainer.amp_dtype = torch.float16
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    trained = trainer.train_epoch()
+    steps = math.ceil(len(small_digits.train_x) / settings.batch_size)
+    assert trained.skipped_steps is not None and 0 < trained.skipped_steps < steps
+    assert trained.non_finite_step is None and math.isfinite(trained.loss)
+
+
 def test_non_finite_loss_stops_training_with_a_reason(small_digits):
     variant = dict(TINY, unit="conv-act", norm="none", drop_path="none")
     settings = TrainConfig(epochs=3, batch_size=64, lr=1e30, seed=0)
     results = list(Trainer(variant, small_digits, settings).epochs())
     assert len(results) < settings.epochs
     last = results[-1]
-    assert last.stop_reason is not None and "non-finite" in last.stop_reason
+    assert last.stop_reason is not None and "non-finite train loss" in last.stop_reason
+    assert f"at epoch {last.epoch}, step " in last.stop_reason
     assert not math.isfinite(last.train_loss)
     assert all(r.stop_reason is None for r in results[:-1])
 
