@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 from timm.layers import create_act_layer, create_norm_layer
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
@@ -283,14 +283,17 @@ class FractalNet(nn.Module):
         return self.head(self.forward_features(x, column))
 
 
+# timm's config for the model: the defaults create_model fills in (CIFAR-10's classes and
+# image size); no weights to download
+default_cfgs = generate_default_cfgs({"fractalnet": {"num_classes": 10, "input_size": (3, 32, 32)}})
+
+
 @register_model
 def fractalnet(pretrained: bool = False, **kwargs) -> FractalNet:
     """timm entry point: timm.create_model("fractalnet", blocks=5, columns=3, ...)."""
-    if pretrained:
+    if pretrained:  # timm would warn and go on with random weights
         raise ValueError("fractalnet has no pretrained weights")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    return FractalNet(**kwargs)
+    return build_model_with_cfg(FractalNet, "fractalnet", pretrained, **kwargs)
 
 
 def build_model(variant: dict, num_classes: int, in_chans: int, **options) -> FractalNet:

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-import fractal_mlops  # noqa: F401  (registers "fractalnet" with timm)
+import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
 from fractal_mlops.model import FractalNet, drop_rng
 
 
@@ -48,7 +48,7 @@ class ConvCalls:
 
 
 def test_import_then_timm_create_model_in_a_fresh_process():
-    code = ("import fractal_mlops, timm, torch\n"
+    code = ("import fractal_mlops.model, timm, torch\n"
             "m = timm.create_model('fractalnet', blocks=5, columns=3, width=64,"
             " num_classes=10, in_chans=3).eval()\n"
             "print(tuple(m(torch.randn(2, 3, 32, 32)).shape))\n")

@@ -17,7 +17,7 @@ from helpers_engine import structural_fingerprint
 from test_model import ConvCalls, convs, loss_and_grads
 from torch import nn
 
-import fractal_mlops  # noqa: F401  (registers "fractalnet" with timm)
+import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
 from fractal_mlops.anytime import (
     anytime_curve,
     column_flops,
