@@ -21,6 +21,8 @@ Exit codes: 0 done (also when the champion stays), 1 nothing eligible / nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import re
 import sys
@@ -249,6 +251,7 @@ def aliases(client: MlflowClient, name: str) -> dict[str, str]:
 def register(client: MlflowClient, settings: PromoteSettings, best: Candidate,
              experiment_name: str) -> tuple[ModelVersion, bool]:
     """The version of `best`'s model: the existing one, else a new one. (version, created)."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     name = settings.model_name
@@ -263,40 +266,23 @@ def register(client: MlflowClient, settings: PromoteSettings, best: Candidate,
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    model_id = best.model_uri.removeprefix("models:/") if best.model_uri.startswith(
-        "models:/m-") else None
     tags = {"source_run_id": best.run_id, "val_acc": _tag(best.val_acc), "variant": best.variant,
             "experiment": experiment_name, "param_count": _tag(best.param_count)}
     if settings.metric != "final_val_acc":
         tags[settings.metric] = _tag(best.value)
     study = best.run.data.tags.get("optuna.study_name", experiment_name)
+    # MLflow's own registration (the version is linked to its LoggedModel, which the UI shows);
+    # it talks to the process-wide tracking URI, which open_store set, and narrates on stderr
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(best.model_uri, name, tags=tags)
     description = (
         f"FractalNet {best.variant} from MLflow run {best.run_id} (trial {best.trial} of study "
         f"{study}, experiment {experiment_name}): final val_acc {_tag(best.val_acc)}, "
         f"{_tag(best.param_count)} parameters. Takes float32 images (batch, C, H, W) normalized "
         "with the training set's mean/std; returns class scores (batch, classes). Reproduce "
         f"it with: fractal-mlops reproduce {best.run_id}")
-    version = client.create_model_version(name, source=best.model_uri, run_id=best.run_id,
-                                          tags=tags, description=description, model_id=model_id)
-    if model_id:
-        _link_logged_model(client, model_id, name, str(version.version))
-    return version, True
-
-
-def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
-    """What mlflow.register_model adds: the LoggedModel lists its registered versions (UI)."""
-    import json
-
-    from mlflow.exceptions import MlflowException
-
-    key = "mlflow.modelVersions"
-    try:
-        existing = json.loads(client.get_logged_model(model_id).tags.get(key) or "[]")
-        entry = {"name": name, "version": version}
-        if entry not in existing:
-            client.set_logged_model_tags(model_id, {key: json.dumps([*existing, entry])})
-    except (MlflowException, ValueError):
-        pass  # only a UI link; the version itself is registered
+    version = client.update_model_version(name, version.version, description=description)
+    return client.get_model_version(name, version.version), True
 
 
 def _tag(value: float | None) -> str:
