@@ -7,7 +7,7 @@ worker is gone (its process, on this host; its heartbeat, elsewhere) is marked F
 "worker lost" by the next worker that claims, so its point becomes pending again.
 
 Optuna keeps no public API for creating a trial with its state and attributes in one call or
-for writing an attribute of a trial by ID from another thread: those private calls are here.
+for writing an attribute of a trial by ID from another thread: optuna_trials has those calls.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from . import optuna_trials
 from .outcome import WORKER_LOST, final_failures
 from .space import Variant
 from .storage import heartbeat_settings, worker_identity, worker_is_gone
@@ -80,7 +81,7 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
         user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time()},
         system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
         intermediate_values={})
-    trial = optuna.Trial(study, study._storage.create_new_trial(study._study_id, template))
+    trial = optuna_trials.create(study, template)
     position = len(variants) - len(pending) + 1
     return trial, choice, position
 
@@ -95,7 +96,7 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
         if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", WORKER_LOST)
+            optuna_trials.set_attr(study, t, "reason", WORKER_LOST)
             study.tell(t.number, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # its worker finished it after all
             continue
@@ -119,9 +120,10 @@ def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
 class Heartbeat:
     """Refreshes the trial's `heartbeat` user attr, so workers on other hosts see it alive."""
 
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(study, trial_id), daemon=True)
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        args=(study, optuna_trials.trial_id(trial)))
 
     def _beat(self, study: optuna.Study, trial_id: int) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -129,7 +131,7 @@ class Heartbeat:
         interval = heartbeat_settings()[0]
         while not self._stop.wait(interval):
             try:
-                study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+                optuna_trials.set_attr(study, trial_id, "heartbeat", time.time())
             except UpdateFinishedTrialError:  # finished, or declared lost by another worker
                 return
             except Exception:  # noqa: BLE001 - the store hiccuped: beat again next time

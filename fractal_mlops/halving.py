@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from . import optuna_trials
 from .outcome import WORKER_LOST
 from .storage import claim_lock, worker_identity, worker_is_gone
 
@@ -181,7 +182,7 @@ def _rank_finished_rungs(ctx: TrialContext, plan: list[Rung],
             if t.state != TrialState.WAITING or _rung(t) != rung.number:
                 continue  # already decided
             if rank <= rung.keep:
-                ctx.study._storage.set_trial_user_attr(t._trial_id, "rung", rung.number + 1)
+                optuna_trials.set_attr(ctx.study, t, "rung", rung.number + 1)
             else:
                 reason = (f"halving: rung {rung.number} ({_epochs(rung.epochs)}), rank {rank} "
                           f"of {len(ranked)}, kept the top {rung.keep}")
@@ -209,8 +210,8 @@ def _prune(ctx: TrialContext, t: FrozenTrial, reason: str, value: float) -> None
         metrics = {k: t.user_attrs[k] for k in ("best_val_acc", "param_count", "train_seconds")
                    if k in t.user_attrs}
         ctx.tracker.finish_trial(run_id, "PRUNED", reason, metrics)
-    ctx.study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
-    ctx.study._storage.set_trial_state_values(t._trial_id, TrialState.PRUNED, [value])
+    optuna_trials.set_attr(ctx.study, t, "reason", reason)
+    optuna_trials.set_state(ctx.study, t, TrialState.PRUNED, [value])
 
 
 def _create_trial(study: optuna.Study, variants: list[Variant], choice: Variant):
@@ -228,19 +229,18 @@ def _create_trial(study: optuna.Study, variants: list[Variant], choice: Variant)
                     "rung": 1, "rung_done": 0},
         system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
         intermediate_values={})
-    return optuna.Trial(study, study._storage.create_new_trial(study._study_id, template))
+    return optuna_trials.create(study, template)
 
 
 def _take(study: optuna.Study, t: FrozenTrial):
     """WAITING -> RUNNING for this worker (the storage refuses if another worker took it)."""
-    import optuna
     from optuna.trial import TrialState
 
-    study._storage.set_trial_user_attr(t._trial_id, "worker", worker_identity())
-    study._storage.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
-    if not study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+    optuna_trials.set_attr(study, t, "worker", worker_identity())
+    optuna_trials.set_attr(study, t, "heartbeat", time.time())
+    if not optuna_trials.set_state(study, t, TrialState.RUNNING):
         return None
-    return optuna.Trial(study, t._trial_id)
+    return optuna_trials.resume(study, t)
 
 
 def recover_lost(study: optuna.Study, tracker) -> list[int]:
@@ -251,7 +251,7 @@ def recover_lost(study: optuna.Study, tracker) -> list[int]:
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
-            study._storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+            optuna_trials.set_state(study, t, TrialState.WAITING)
             lost.append(t.number)
     if lost:
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}

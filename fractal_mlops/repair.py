@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import optuna_trials
 from .config import ConfigError
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def restart_study(study: optuna.Study, reopen: Callable[[], optuna.Study]) -> op
     import optuna
 
     name = study.study_name
-    optuna.delete_study(study_name=name, storage=study._storage)
+    optuna.delete_study(study_name=name, storage=optuna_trials.storage(study))
     print(f"note: study {name!r}: its earlier attempt under another config trained nothing; "
           "starting it afresh with this config", file=sys.stderr)
     return reopen()

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from . import optuna_trials
 from .halving import Rung, RungWork, finished_points, next_work
 from .outcome import CUDA_FAILED, from_optuna, one_line, outcome_of
 from .runner import (
@@ -60,7 +61,7 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
         _stop(ctx, trial, run_id, exc)
     try:
         ctx.interrupts.release()  # raises a Ctrl-C that came since the claim
-        with Heartbeat(ctx.study, trial._trial_id):
+        with Heartbeat(ctx.study, trial):
             _train(ctx, trial, variant, run_id, work, results, progress)
         outcome = outcome_of(None) if work.last_rung else None  # None: waits for the ranking
     except (Exception, KeyboardInterrupt) as exc:  # the ending, as outcome_of says
@@ -86,7 +87,7 @@ def _open_run(ctx: TrialContext, trial, variant: Variant) -> str:
     import torch
 
     config = ctx.settings.config
-    run_id = ctx.study._storage.get_trial_user_attrs(trial._trial_id).get("mlflow_run_id")
+    run_id = optuna_trials.attrs(ctx.study, trial).get("mlflow_run_id")
     if run_id is not None:
         ctx.tracker.client.update_run(run_id, status="RUNNING")
         return run_id
@@ -156,13 +157,12 @@ def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, results: TrialR
     """Record the rung's result, then let the point wait (in this order: see `_rank...`)."""
     from optuna.trial import TrialState
 
-    storage = ctx.study._storage
     for key, value in (("best_val_acc", results.best_val_acc), ("param_count", results.param_count),
                        ("train_seconds", results.train_seconds),
                        (f"rung_{rung.number}_val_acc", results.last_val_acc),
                        ("rung_done", rung.number)):
-        storage.set_trial_user_attr(trial._trial_id, key, value)
-    storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        optuna_trials.set_attr(ctx.study, trial, key, value)
+    optuna_trials.set_state(ctx.study, trial, TrialState.WAITING)
     ctx.tracker.client.set_tag(run_id, "fractal.rung", str(rung.number))
     ctx.tracker.client.update_run(run_id, status="SCHEDULED")
 
@@ -172,7 +172,7 @@ def _pause(ctx: TrialContext, trial, run_id: str | None) -> None:
     from optuna.trial import TrialState
 
     with contextlib.suppress(Exception):
-        ctx.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        optuna_trials.set_state(ctx.study, trial, TrialState.WAITING)
     if run_id is not None:
         with contextlib.suppress(Exception):  # the tracking store may be the one that is down
             ctx.tracker.client.update_run(run_id, status="SCHEDULED")

@@ -97,7 +97,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
     results, error = TrialResults(), None
     try:
         ctx.interrupts.release()  # raises a Ctrl-C that came while the trial was claimed
-        with Heartbeat(ctx.study, trial._trial_id):
+        with Heartbeat(ctx.study, trial):
             train_and_track(ctx, trial, variant, run_id, results, progress)
     except (Exception, KeyboardInterrupt) as exc:  # every ending is recorded, as outcome_of says
         error = exc

@@ -67,6 +67,8 @@ def test_a_worker_taken_for_lost_drops_that_trial_and_carries_on(study_dir: Stud
     the dropped trial is closed."""
     import optuna
 
+    from fractal_mlops import optuna_trials
+
     config = write_config(study_dir.root / "tiny.yaml", study_name="taken", **LONG_TRIAL)
     proc = study_dir.popen("--config", str(config), *study_dir.args())
     run_id = study_dir.wait_for_running_trial(proc, epochs=1)
@@ -74,7 +76,7 @@ def test_a_worker_taken_for_lost_drops_that_trial_and_carries_on(study_dir: Stud
     running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     assert len(running) == 1
     # what recover_lost_trials does on another host when this worker's heartbeat looks stale
-    study._storage.set_trial_user_attr(running[0]._trial_id, "reason", "worker lost")
+    optuna_trials.set_attr(study, running[0], "reason", "worker lost")
     study.tell(running[0].number, state=optuna.trial.TrialState.FAIL)
 
     out, err = proc.communicate(timeout=600)
@@ -151,7 +153,7 @@ def test_the_heartbeat_refreshes_while_the_trial_runs(tmp_path, monkeypatch):
     trial = study.ask()
     trial.set_user_attr("heartbeat", 0.0)
     seen = set()
-    with Heartbeat(study, trial._trial_id):
+    with Heartbeat(study, trial):
         deadline = time.monotonic() + 30
         while len(seen - {0.0}) < 3 and time.monotonic() < deadline:
             seen.add(study.get_trials()[0].user_attrs["heartbeat"])
