@@ -271,6 +271,23 @@ def test_mlflow_proxies_artifacts_into_a_volume(compose):
     assert destination in targets
 
 
+def test_workers_share_the_decoded_image_cache_on_a_volume(compose):
+    """Each container decoded CIFAR-10 again: the image's cache folder is a named volume."""
+    worker = dockerfile_stages()[-1]
+    env = [i for i in worker if i.upper().startswith("ENV ") and "FRACTAL_MLOPS_CACHE=" in i]
+    assert env, "the worker image sets no FRACTAL_MLOPS_CACHE"
+    cache = re.search(r"FRACTAL_MLOPS_CACHE=(\S+)", env[-1]).group(1)
+    # the folder exists in the image and belongs to the worker user, so the volume does too
+    assert any(i.startswith("RUN ") and f"mkdir -p {cache}" in i and "chown fractal" in i
+               and cache in i.split("chown", 1)[1] for i in worker)
+    mounts = {}
+    for volume in compose["services"]["worker"]["volumes"]:
+        source, target = ((volume["source"], volume["target"]) if isinstance(volume, dict)
+                          else volume.split(":")[:2])
+        mounts[target] = source
+    assert cache in mounts and mounts[cache] in (compose.get("volumes") or {})
+
+
 def test_worker_scales_on_gpus_after_healthy_servers(compose):
     worker = compose["services"]["worker"]
     assert "container_name" not in worker  # `--scale worker=N` needs generated names
