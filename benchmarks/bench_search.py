@@ -13,7 +13,7 @@ threads) into their own fresh stores; the figures are read back from Optuna and 
     exactly (a promoted point continues from its checkpoint: same epochs as an unbroken run).
 
     python benchmarks/bench_search.py                      # digits, 36 variants, 9 epochs
-    python benchmarks/bench_search.py --grid cifar10 [--train-limit 5000]   # the CIFAR-10 CPU grid
+    python benchmarks/bench_search.py --grid cifar10 [--train-limit N] [--val-limit N]   # CIFAR-10 CPU grid
     python benchmarks/bench_search.py --plan-only --grid cifar10           # the rung plan alone
 """
 
@@ -55,6 +55,8 @@ def build_config(args: argparse.Namespace) -> dict:
             if args.data is None else args.data
         if args.train_limit:
             config["data"]["train_limit"] = args.train_limit
+        if args.val_limit:
+            config["data"]["val_limit"] = args.val_limit
     if args.epochs:
         config["training"]["epochs"] = args.epochs
     config["search"] = {"mode": "grid", "min_epochs": args.min_epochs,
@@ -124,6 +126,7 @@ def main() -> int:
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-limit", type=int, help="cifar10: a class-balanced slice")
+    parser.add_argument("--val-limit", type=int, help="cifar10: a slice of the test images")
     parser.add_argument("--data", help="cifar10: the ImageFolder tree")
     parser.add_argument("--plan-only", action="store_true", help="print the rung plan and stop")
     args = parser.parse_args()
