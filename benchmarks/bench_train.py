@@ -248,8 +248,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    from fractal_mlops.device import cpu_has_native_bf16
     from fractal_mlops.model import param_count
-    from fractal_mlops.train import cpu_has_native_bf16
 
     print("## Training throughput and memory (core engine)")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")

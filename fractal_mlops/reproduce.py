@@ -203,10 +203,10 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     import torch
 
     from .data import load_dataset
+    from .device import resolve_device, runtime_params
     from .outcome import outcome_of
     from .runner import TrialResults, train_and_log, trial_params
     from .tracking import Tracker, git_commit
-    from .train import resolve_device, runtime_params
 
     recorded_device = original.params.get("device", "cpu")
     if device_flag is None and recorded_device == "cuda" and not torch.cuda.is_available():

@@ -47,7 +47,7 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     Ends WAITING (rung done), or COMPLETE (last rung), PRUNED (diverged) or FAIL. Called with
     interrupts held (see halving.next_work): they wait until the run is open and recorded."""
     from .claims import Heartbeat
-    from .train import release_memory
+    from .device import release_memory
     from .trial import record_end
 
     trial, variant, rung = work.trial, work.variant, work.rung

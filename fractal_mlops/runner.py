@@ -39,10 +39,10 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
                  threads: int) -> dict[str, Any]:
     """The trial's MLflow params: every dimension, the training settings, the variant name,
     the normalization the logged model expects its inputs to have had, and the runtime
-    (train.runtime_params)."""
+    (device.runtime_params)."""
     import torch
 
-    from .train import runtime_params
+    from .device import runtime_params
 
     params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
     params.update(config.to_dict()["training"])

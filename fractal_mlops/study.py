@@ -144,7 +144,7 @@ def run_worker(settings: StudySettings, console) -> int:
 
     from .console import StudyProgress, worker_prefix
     from .data import load_dataset
-    from .train import resolve_device
+    from .device import resolve_device
 
     config = settings.config
     device = resolve_device(settings.device)
@@ -302,7 +302,7 @@ def launch_workers(settings: StudySettings, console) -> int:
     """Start N worker processes against the same stores; credentials travel in the
     environment, never on a command line."""
     from .data import load_dataset
-    from .train import resolve_device
+    from .device import resolve_device
 
     started_at = time.monotonic()
     install_stop_handlers()

@@ -146,7 +146,7 @@ def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
 def _release(ctx: TrialContext, error: BaseException | None) -> None:
     """The trial's GPU memory goes back before the next trial (an error's traceback holds the
     frames, and so the model and batches, of the trial that raised it)."""
-    from .train import release_memory
+    from .device import release_memory
 
     if error is not None:
         error.__traceback__ = None

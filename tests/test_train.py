@@ -10,14 +10,8 @@ import torch
 
 from fractal_mlops.config import ConfigError, DataConfig, TrainConfig
 from fractal_mlops.data import load_dataset
-from fractal_mlops.train import (
-    CHECK_EVERY,
-    EpochResult,
-    Trainer,
-    cpu_has_native_bf16,
-    resolve_amp,
-    resolve_device,
-)
+from fractal_mlops.device import cpu_has_native_bf16, resolve_amp, resolve_device
+from fractal_mlops.train import CHECK_EVERY, EpochResult, Trainer
 
 REASONABLE = dict(blocks=2, columns=2, width=32, unit="conv-norm-act", norm="batch",
                   activation="relu", dropout=0.0, drop_path="local+global",
