@@ -10,7 +10,7 @@
     outcome_of(any other error)           FAIL with the error's one line; the study goes on
 
 A FAIL whose reason is in RETRYABLE leaves its grid point pending: the next run trains it again
-(`final_failure` says when a point has failed for good). Knows nothing of MLflow or Optuna
+(`final_failures` says when a point has failed for good). Knows nothing of MLflow or Optuna
 beyond their state names (optuna is imported when asked, torch only if already loaded).
 """
 

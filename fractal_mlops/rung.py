@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import optuna_trials
 from .halving import Rung, RungWork, finished_points, next_work
-from .outcome import CUDA_FAILED, from_optuna, one_line, outcome_of
+from .outcome import outcome_of
 from .runner import (
     TrialResults,
     TrialStopped,
@@ -102,21 +102,13 @@ def _open_run(ctx: TrialContext, trial, variant: Variant) -> str:
 def _stop(ctx: TrialContext, trial, run_id: str | None, exc: BaseException) -> NoReturn:
     """Interrupted, or a store is down: the point goes back to WAITING and resumes its rung on
     the next run; the worker stops."""
-    from .trial import StopWorker
+    from .trial import stop_worker
 
     with ctx.interrupts.deferred():
         _pause(ctx, trial, run_id)
     outcome = outcome_of(exc)
-    if outcome.store_down:
-        store = "the Optuna storage" if from_optuna(exc) else "the tracking store"
-        raise StopWorker(
-            f"{store} could not record trial {trial.number} ({one_line(exc, 300)}); it resumes "
-            "its rung when you run the same command again") from None
-    if outcome.reason == CUDA_FAILED:
-        raise StopWorker(
-            f"the GPU failed in trial {trial.number} ({one_line(exc, 300)}): this process's "
-            "CUDA context is gone, so the worker stops; check the GPU (nvidia-smi), then run the "
-            "same command again: the point resumes its rung") from None
+    if outcome.stops_worker:
+        stop_worker(trial.number, outcome, exc, "the point resumes its rung")
     raise exc
 
 

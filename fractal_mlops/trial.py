@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .study import StudySettings
 
 
+PENDING = "its grid point stays pending and is trained then"
+
+
 class StopWorker(Exception):
     """A store went away or the GPU failed while a trial trained: the worker stops with one
     line (exit 1); its point stays pending."""
@@ -85,7 +88,7 @@ def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
         if not outcome.stops_worker:  # MLflow refused the run: no trial can be recorded
             outcome = Outcome(TrialState.FAIL, TRACKING_FAILED, killed=True, stops_worker=True)
         _record_where_possible(ctx, trial, run_id, outcome, TrialResults())
-        _stop_worker(trial, outcome, exc)
+        stop_worker(trial.number, outcome, exc, PENDING)
     return run_id
 
 
@@ -115,7 +118,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
                 _record_where_possible(ctx, trial, run_id, outcome, results)
     _release(ctx, error)
     if outcome.stops_worker:
-        _stop_worker(trial, outcome, error)
+        stop_worker(trial.number, outcome, error, PENDING)
     progress.trial_done(points_done(ctx.study), trial.number, variant.name, outcome.state,
                         results.last_val_acc, outcome.reason)
     ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
@@ -187,17 +190,19 @@ def _tell(ctx: TrialContext, trial, outcome: Outcome, results: TrialResults) -> 
         print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
 
 
-def _stop_worker(trial, outcome: Outcome, error: BaseException | None) -> NoReturn:
+def stop_worker(number: int, outcome: Outcome, error: BaseException | None,
+                then: str) -> NoReturn:
     """The end is recorded; an interrupt, a store outage or a broken GPU now stops this worker,
-    rather than failing every remaining grid point against a dead store or CUDA context."""
+    rather than failing every remaining grid point against a dead store or CUDA context.
+    `then`: what becomes of the point when the same command runs again."""
     if isinstance(error, KeyboardInterrupt):
         raise error
     if outcome.reason == CUDA_FAILED:
         raise StopWorker(
-            f"the GPU failed in trial {trial.number} ({one_line(error, 300)}): this process's "
-            "CUDA context is gone, so the worker stops; its grid point stays pending: check the "
-            "GPU (nvidia-smi), then run the same command again") from None
+            f"the GPU failed in trial {number} ({one_line(error, 300)}): this process's CUDA "
+            "context is gone, so the worker stops; check the GPU (nvidia-smi), then run the "
+            f"same command again: {then}") from None
     store = "the Optuna storage" if outcome.reason == STORAGE_FAILED else "the tracking store"
     raise StopWorker(
-        f"{store} could not record trial {trial.number} ({one_line(error, 300)}); its grid point "
-        f"stays pending: run the same command again when {store} is back") from None
+        f"{store} could not record trial {number} ({one_line(error, 300)}); run the same "
+        f"command again when {store} is back: {then}") from None
