@@ -26,9 +26,20 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 
 
 class ConfigError(ValueError):
@@ -75,17 +86,50 @@ SPACE_DEFAULTS: dict[str, list[Any]] = {
 DIMENSIONS = tuple(SPACE_DEFAULTS)
 
 
+# YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`) and `off` / `no` as false:
+# the field types below take the number, and the "off" word of the settings that have one.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def yaml_number(value: Any) -> Any:
+    """'1e-3' -> 0.001; anything else unchanged."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    value = yaml_number(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def _off_word(word: str) -> BeforeValidator:
+    return BeforeValidator(lambda value: word if value is False else value)
+
+
+# Field types of the config sections, validated by pydantic: no bool passes for a number, no
+# number for a string.
+Int = Annotated[StrictInt, BeforeValidator(_whole_number)]
+Float = Annotated[StrictFloat, BeforeValidator(yaml_number)]
+Bool = StrictBool
+Str = StrictStr
+_SECTION = ConfigDict(extra="forbid")
+
+
+@with_config(_SECTION)
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"
-    root: str | None = None  # cifar10: an ImageFolder tree (train/, test/) or torchvision's root
-    download: bool = False  # cifar10 via torchvision when root is not an ImageFolder tree
-    val_fraction: float = 0.2  # digits / synthetic: held-out share (stratified, fixed seed)
-    flip: bool | None = None  # random horizontal flip in training; default: True for cifar10
-    train_limit: int | None = None  # use a fixed, class-balanced subset of N training images
-    val_limit: int | None = None
-    synthetic_size: int = 600
-    cache_dir: str | None = None  # decoded ImageFolder cache; default ~/.cache/fractal_mlops
+    name: Str = "digits"
+    root: Str | None = None  # cifar10: an ImageFolder tree (train/, test/) or torchvision's root
+    download: Bool = False  # cifar10 via torchvision when root is not an ImageFolder tree
+    val_fraction: Float = 0.2  # digits / synthetic: held-out share (stratified, fixed seed)
+    flip: Bool | None = None  # random horizontal flip in training; default: True for cifar10
+    train_limit: Int | None = None  # use a fixed, class-balanced subset of N training images
+    val_limit: Int | None = None
+    synthetic_size: Int = 600
+    cache_dir: Str | None = None  # decoded ImageFolder cache; default ~/.cache/fractal_mlops
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -100,48 +144,54 @@ class DataConfig:
         return self.name == "cifar10" if self.flip is None else self.flip
 
 
+@with_config(_SECTION)
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"
-    seed: int = 0
-    amp: str = "off"
-    grad_checkpointing: bool = False
-    channels_last: bool = False
+    epochs: Int = 5
+    batch_size: Int = 64
+    lr: Float = 0.05
+    momentum: Float = 0.9
+    weight_decay: Float = 0.0
+    optimizer: Str = "sgd"
+    seed: Int = 0
+    amp: Annotated[Str, _off_word("off")] = "off"
+    grad_checkpointing: Bool = False
+    channels_last: Bool = False
 
 
+@with_config(_SECTION)
 @dataclass(frozen=True)
 class PruningConfig:
-    warmup_epochs: int = 1  # epochs before the divergence check applies
-    chance_margin: float = 0.05  # val_acc <= 1/num_classes + margin after warm-up: pruned
-    pruner: str = "none"  # an Optuna pruner combined with the divergence check
+    warmup_epochs: Int = 1  # epochs before the divergence check applies
+    chance_margin: Float = 0.05  # val_acc <= 1/num_classes + margin after warm-up: pruned
+    # an Optuna pruner combined with the divergence check
+    pruner: Annotated[Str, _off_word("none")] = "none"
 
 
+@with_config(_SECTION)
 @dataclass(frozen=True)
 class SearchConfig:
-    mode: str = "grid"  # grid: every point to training.epochs; halving: see halving.py
-    min_epochs: int = 1  # halving: epochs of the first rung
-    reduction_factor: int = 3  # halving: each rung keeps the best 1/reduction_factor
+    mode: Str = "grid"  # grid: every point to training.epochs; halving: see halving.py
+    min_epochs: Int = 1  # halving: epochs of the first rung
+    reduction_factor: Int = 3  # halving: each rung keeps the best 1/reduction_factor
 
 
+@with_config(_SECTION)
 @dataclass(frozen=True)
 class EvaluationConfig:
     # anytime inference: an image stops at the first column whose top softmax probability
     # reaches this (0: always column 1; 1: only a certain answer stops early)
-    halting_threshold: float = 0.9
+    halting_threshold: Float = 0.9
 
 
+@with_config(_SECTION)
 @dataclass(frozen=True)
 class RunConfig:
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
-    storage: str | None = None  # default: a journal file under mlruns/
-    device: str = "auto"
-    workers: int = 1
-    n_trials: int | None = None  # cap on trials started by one invocation
+    tracking_uri: Str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
+    storage: Str | None = None  # default: a journal file under mlruns/
+    device: Str = "auto"
+    workers: Int = 1
+    n_trials: Int | None = None  # cap on trials started by one invocation
 
 
 @dataclass(frozen=True)
@@ -276,59 +326,32 @@ def check_study_name(name: Any) -> str:
     return name
 
 
+_EXPECTED = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
+
+
 def _section(cls: type, raw: Any, name: str) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         raise ConfigError(f"config section {name!r} must be a mapping")
-    allowed = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in allowed:
-            raise ConfigError(f"unknown key {name}.{key} (expected one of {sorted(allowed)})")
-        values[key] = _coerce(value, allowed[key].type, f"{name}.{key}")
-    return cls(**values)
+    try:
+        return TypeAdapter(cls).validate_python(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc.errors()[0], cls, name)) from None
 
 
-# YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`) and `off` / `no` as false:
-# take the number, and the "off" word of the settings that have one.
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-_OFF_WORDS = {"training.amp": "off", "pruning.pruner": "none"}
-
-
-def yaml_number(value: Any) -> Any:
-    """'1e-3' -> 0.001; anything else unchanged."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return value
-
-
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    kinds = annotation.replace(" ", "").split("|")
+def _one_line(error: Any, cls: type, section: str) -> str:
+    """pydantic's first error as the config's one line, e.g. `training.lr must be float, got 'x'`."""
+    where = ".".join([section, *(str(part) for part in error["loc"][:1])])
+    value = error.get("input")
+    if error["type"] == "unexpected_keyword_argument":
+        return f"unknown key {where} (expected one of {sorted(f.name for f in fields(cls))})"
     if value is None:
-        if "None" in kinds:
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    if "bool" not in kinds and isinstance(value, bool):
-        if value is False and where in _OFF_WORDS:
-            return _OFF_WORDS[where]
-        raise ConfigError(f"{where}: YAML reads yes/no/on/off/true/false as a boolean; "
-                          f"quote the word, e.g. {where.split('.')[-1]}: '{'on' if value else 'off'}'")
-    if "str" not in kinds:
-        value = yaml_number(value)
-    for kind in kinds:
-        if kind == "bool" and isinstance(value, bool):
-            return value
-        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "str" and isinstance(value, str):
-            return value
-    expected = " or ".join(k for k in kinds if k != "None")
-    raise ConfigError(f"{where} must be {expected}, got {value!r}")
+        return f"{where} must not be empty"
+    if isinstance(value, bool) and error["type"] == "string_type":
+        return (f"{where}: YAML reads yes/no/on/off/true/false as a boolean; quote the word, "
+                f"e.g. {where.split('.')[-1]}: '{'on' if value else 'off'}'")
+    return f"{where} must be {_EXPECTED.get(error['type'], error['msg'])}, got {value!r:.80}"
 
 
 def _check_data(data: DataConfig) -> None:
