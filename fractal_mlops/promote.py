@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli import OneLineParser
 from .compat import mismatch
-from .config import ConfigError
+from .errors import ConfigError
 from .tracking import (
     MODEL_URI,
     ROLE,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli import OneLineParser
-from .config import ConfigError
+from .errors import ConfigError
 from .tracking import check_existing_store, mlflow_error_line, open_store, redact, resolve_tracking_uri
 
 if TYPE_CHECKING:

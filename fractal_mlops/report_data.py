@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DIMENSIONS, ConfigError
+from .config import DIMENSIONS
+from .errors import ConfigError
 from .tracking import REASON, ROLE, STATE, VARIANT, no_artifact_progress_bars, redact
 
 if TYPE_CHECKING:

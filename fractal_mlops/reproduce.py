@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli import OneLineParser
-from .config import ConfigError, ExperimentConfig, parse_config
+from .config import ExperimentConfig, parse_config
+from .errors import ConfigError
 from .space import Variant
 from .tracking import (
     CONFIG_SHA,

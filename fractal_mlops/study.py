@@ -25,14 +25,15 @@ from .claims import (
     points_done,
 )
 from .cli import OneLineParser
-from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
-from .errors import ServerFault, is_outage
+from .config import ExperimentConfig, check_study_name, load_config
+from .errors import ConfigError, ServerFault, is_outage
 from .outcome import (
     TrialState,
     one_line,
 )
 from .preflight import check_feasible, check_workers
 from .repair import restart_study, trained_nothing
+from .sections import check_run
 from .signals import InterruptGuard
 from .space import Variant, grid
 from .storage import (

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .config import ConfigError
-from .errors import ServerFault, is_unique_violation
+from .errors import ConfigError, ServerFault, is_unique_violation
 from .outage import bound_http_retries
 from .outcome import RETRYABLE, TrialState
 from .stores import (

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from conftest import StudyDir
 
-from fractal_mlops.config import ConfigError, load_config
+from fractal_mlops.config import load_config
+from fractal_mlops.errors import ConfigError
 
 BASE = {
     "study_name": "fuzz",

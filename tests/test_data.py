@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from fractal_mlops import data as data_module
-from fractal_mlops.config import ConfigError, DataConfig
 from fractal_mlops.data import DeviceLoader, load_dataset
+from fractal_mlops.errors import ConfigError
+from fractal_mlops.sections import DataConfig
 
 CLASSES = ["cat", "dog", "ship"]
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import StudyDir, write_config
 
-from fractal_mlops.config import SearchConfig
 from fractal_mlops.halving import Rung, planned_epochs, rung_plan
+from fractal_mlops.sections import SearchConfig
 
 # 3 columns x 3 unit orders = 9 points; rungs: 9 points x 1 epoch, then the best 3 x 3 epochs
 NINE_POINTS = {"blocks": [1], "columns": [1, 2, 3], "width": [16],

@@ -12,7 +12,8 @@ import yaml
 from conftest import StudyDir, write_config
 from test_data import image_folder
 
-from fractal_mlops.config import ConfigError, load_config
+from fractal_mlops.config import load_config
+from fractal_mlops.errors import ConfigError
 from fractal_mlops.preflight import check_workers, usable_cores
 
 

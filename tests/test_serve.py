@@ -28,8 +28,8 @@ def digits_batch(n: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Real validation digits, normalized exactly as training fed them to the model."""
     import torch
 
-    from fractal_mlops.config import DataConfig
     from fractal_mlops.data import DeviceLoader, load_dataset
+    from fractal_mlops.sections import DataConfig
 
     data = load_dataset(DataConfig(name="digits"))
     loader = DeviceLoader(data.val_x[:n], data.val_y[:n], n, data.mean, data.std,

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from fractal_mlops.config import ConfigError, DataConfig, TrainConfig
 from fractal_mlops.data import load_dataset
 from fractal_mlops.device import cpu_has_native_bf16, resolve_amp, resolve_device
+from fractal_mlops.errors import ConfigError
+from fractal_mlops.sections import DataConfig, TrainConfig
 from fractal_mlops.train import CHECK_EVERY, EpochResult, Trainer
 
 REASONABLE = dict(blocks=2, columns=2, width=32, unit="conv-norm-act", norm="batch",

@@ -25,8 +25,9 @@ from fractal_mlops.anytime import (
     halting_point,
     halting_predict,
 )
-from fractal_mlops.config import DataConfig, TrainConfig, parse_config
+from fractal_mlops.config import parse_config
 from fractal_mlops.model import FractalNet, param_count
+from fractal_mlops.sections import DataConfig, TrainConfig
 from fractal_mlops.space import enumerate_variants
 
 # digits-shaped (1 channel in), one block of width 4, a 10-class head
