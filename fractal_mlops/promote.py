@@ -32,17 +32,9 @@ from typing import TYPE_CHECKING, Any
 from .cli import OneLineParser
 from .compat import mismatch
 from .errors import ConfigError
-from .tracking import (
-    MODEL_URI,
-    ROLE,
-    STATE,
-    VARIANT,
-    check_existing_store,
-    mlflow_error_line,
-    open_store,
-    redact,
-    resolve_tracking_uri,
-)
+from .stores import check_existing_store, resolve_tracking_uri
+from .ui import MODEL_URI, ROLE, STATE, VARIANT
+from .urls import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -85,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
     from .errors import EXIT_FAULT, ServerFault, exit_code_for
+    from .tracking import configure, mlflow_error_line, open_store
     from .urls import install_redaction
 
     install_redaction()
 
     try:
         settings = resolve_settings(args)
+        configure(settings.tracking_uri)
         client = open_store(settings.tracking_uri)
         if args.rollback:
             return rollback(client, settings)
@@ -272,7 +266,7 @@ def register(client: MlflowClient, settings: PromoteSettings, best: Candidate,
         tags[settings.metric] = _tag(best.value)
     study = best.run.data.tags.get("optuna.study_name", experiment_name)
     # MLflow's own registration (the version is linked to its LoggedModel, which the UI shows);
-    # it talks to the process-wide tracking URI, which open_store set, and narrates on stderr
+    # it talks to the process-wide tracking URI, which main set, and narrates on stderr
     with contextlib.redirect_stderr(io.StringIO()):
         version = mlflow.register_model(best.model_uri, name, tags=tags)
     description = (

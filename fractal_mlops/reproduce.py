@@ -31,19 +31,9 @@ from .cli import OneLineParser
 from .config import ExperimentConfig, parse_config
 from .errors import ConfigError
 from .space import Variant
-from .tracking import (
-    CONFIG_SHA,
-    REASON,
-    REPRODUCES,
-    ROLE,
-    STATE,
-    check_existing_store,
-    mlflow_error_line,
-    no_artifact_progress_bars,
-    open_store,
-    redact,
-    resolve_tracking_uri,
-)
+from .stores import check_existing_store, resolve_tracking_uri
+from .ui import CONFIG_SHA, REASON, REPRODUCES, ROLE, STATE
+from .urls import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -78,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
     from .errors import EXIT_FAULT, ServerFault, exit_code_for
+    from .tracking import configure, mlflow_error_line, open_store
     from .urls import install_redaction
 
     install_redaction()
@@ -87,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--atol must be a number >= 0, got {args.atol}")
         uri = resolve_tracking_uri(args.tracking_uri, None)
         check_existing_store(uri)
+        configure(uri)
         client = open_store(uri)
         original = load_original(client, args.run_id.strip(), uri)
         return reproduce(client, uri, original, args.atol, args.device)
@@ -154,7 +146,7 @@ def load_original(client: MlflowClient, run_id: str, uri: str) -> RecordedTrial:
                           "nothing to reproduce")
     if run.info.status in ("RUNNING", "SCHEDULED"):
         raise ConfigError(f"run {run_id} is still {run.info.status}; reproduce it once it ended")
-    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+    with tempfile.TemporaryDirectory() as tmp:
         try:
             text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
         except (MlflowException, OSError):

@@ -44,8 +44,9 @@ from .storage import (
     open_storage,
     resolve_storage,
 )
-from .tracking import check_tracking_uri, redact, resolve_tracking_uri
+from .stores import check_tracking_uri, resolve_tracking_uri
 from .trial import StopWorker, TrialContext, claim_and_run
+from .urls import redact
 from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
 
 if TYPE_CHECKING:
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = resolve_settings(args)
+        from .tracking import configure
+
+        configure(settings.tracking_uri)
         run = launch_workers if settings.workers > 1 else run_worker
         return run(replace(settings, report=not args.no_report), make_console())
     except ConfigError as exc:

@@ -21,6 +21,7 @@ def worker(study_dir: StudyDir):
     from fractal_mlops.signals import InterruptGuard
     from fractal_mlops.space import grid
     from fractal_mlops.study import build_parser, open_stores, resolve_settings
+    from fractal_mlops.tracking import configure
     from fractal_mlops.trial import TrialContext
 
     config = write_config(study_dir.root / "one.yaml", study_name="one",
@@ -29,6 +30,7 @@ def worker(study_dir: StudyDir):
     settings = resolve_settings(build_parser().parse_args(
         ["--config", str(config), *study_dir.args("--device", "cpu")]))
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    configure(settings.tracking_uri)  # as the study's main does
     interrupts = InterruptGuard().install()
     variants = grid(settings.config)
     study, tracker, parent = open_stores(settings, variants)

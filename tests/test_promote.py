@@ -128,9 +128,10 @@ def _synthetic_trial(tracker, name: str, state: str, val_acc: float, params: int
 
 @pytest.mark.slow
 def test_never_promotes_pruned_or_failed_trials_and_ties_go_to_fewer_parameters(tmp_path):
-    from fractal_mlops.tracking import Tracker
+    from fractal_mlops.tracking import Tracker, configure
 
     store = Store(tmp_path)
+    configure(store.uri)  # as promote's main does
     tracker = Tracker(store.uri, "synthetic")
     _synthetic_trial(tracker, "big", "COMPLETE", 0.9, 2000)
     small = _synthetic_trial(tracker, "small", "COMPLETE", 0.9, 1000)
@@ -158,9 +159,10 @@ def test_never_promotes_pruned_or_failed_trials_and_ties_go_to_fewer_parameters(
 @pytest.mark.slow
 @pytest.mark.parametrize("metric", ["val_loss", "train_seconds"])
 def test_losses_and_seconds_are_minimized(tmp_path, metric):
-    from fractal_mlops.tracking import Tracker
+    from fractal_mlops.tracking import Tracker, configure
 
     store = Store(tmp_path)
+    configure(store.uri)  # as promote's main does
     first = Tracker(store.uri, "first")
     # each metric, and the parameter count, ranks these three differently
     ids = {
@@ -198,9 +200,10 @@ def test_losses_and_seconds_are_minimized(tmp_path, metric):
 
 @pytest.mark.slow
 def test_an_exact_tie_moves_the_alias_only_to_fewer_parameters(tmp_path):
-    from fractal_mlops.tracking import Tracker
+    from fractal_mlops.tracking import Tracker, configure
 
     store = Store(tmp_path)
+    configure(store.uri)  # as promote's main does
     _synthetic_trial(Tracker(store.uri, "champion"), "champion", "COMPLETE", 0.9, 2000)
     _synthetic_trial(Tracker(store.uri, "tie-more"), "more", "COMPLETE", 0.9, 3000)
     _synthetic_trial(Tracker(store.uri, "tie-fewer"), "fewer", "COMPLETE", 0.9, 1000)

@@ -25,11 +25,13 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
 
     from fractal_mlops.claims import recover_lost_trials
     from fractal_mlops.storage import HEARTBEAT_GRACE, open_storage, resolve_storage, worker_identity
-    from fractal_mlops.tracking import ROLE, Tracker
+    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.ui import ROLE
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None))
     study = optuna.create_study(storage=storage, study_name="hosts", direction="maximize")
+    configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "hosts")
     now = time.time()
     workers = {
@@ -187,7 +189,7 @@ def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyD
     import time
 
     from fractal_mlops.claims import recover_lost_trials
-    from fractal_mlops.tracking import Tracker
+    from fractal_mlops.tracking import Tracker, configure
 
     config = write_config(study_dir.root / "far.yaml", study_name="far",
                           space={"blocks": [1], "columns": [2], "width": [8],
@@ -206,6 +208,7 @@ def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyD
             time.sleep(0.2)
         monkeypatch.setenv("FRACTAL_HEARTBEAT_SECONDS", "0.5")  # this host: the same settings
         monkeypatch.setenv("FRACTAL_HEARTBEAT_GRACE", "2")
+        configure(study_dir.tracking_uri)
         lost = recover_lost_trials(study_dir.optuna_study("far"),
                                    Tracker(study_dir.tracking_uri, "far"))
         assert lost == []
