@@ -12,9 +12,7 @@ from itertools import pairwise
 import pytest
 import timm
 import torch
-from conftest import write_config
-from helpers_engine import structural_fingerprint
-from test_model import ConvCalls, convs, loss_and_grads
+from helpers import ConvCalls, convs, loss_and_grads, structural_fingerprint, write_config
 from torch import nn
 
 import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
