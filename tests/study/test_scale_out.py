@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import LONG_TRIAL, StudyDir, kill_mid_trial_then_resume, write_config
+from helpers import LONG_TRIAL, StudyDir, kill_mid_trial_then_resume, write_config
 from servers import PG_PASSWORD
 
 TINY_SPACE = {"blocks": [1], "columns": [1, 2], "width": [8],

@@ -9,42 +9,14 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import ConvCalls, convs, loss_and_grads, seed
 from torch import nn
 
 import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
-from fractal_mlops.model import FractalNet, drop_rng
-
-
-def seed(value: int) -> None:
-    """What a FractalNet draws from: torch's RNG (weights, dropout), drop_rng (drop-path)."""
-    torch.manual_seed(value)
-    drop_rng.seed(value)
-
+from fractal_mlops.model import FractalNet
 
 SMALL = dict(blocks=2, columns=3, width=8, unit="conv-norm-act", norm="none",
              activation="relu", dropout=0.0, drop_path="local+global")
-
-
-def convs(module: nn.Module) -> list[nn.Conv2d]:
-    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-
-
-class ConvCalls:
-    """Counts conv forward calls per fractal block."""
-
-    def __init__(self, model: FractalNet) -> None:
-        self.per_block = [0] * len(model.blocks)
-        for index, block in enumerate(model.blocks):
-            for conv in convs(block):
-                conv.register_forward_hook(self._hook(index))
-
-    def _hook(self, index: int):
-        def count(module, inputs, output):
-            self.per_block[index] += 1
-        return count
-
-    def reset(self) -> None:
-        self.per_block = [0] * len(self.per_block)
 
 
 def test_import_then_timm_create_model_in_a_fresh_process():
@@ -242,22 +214,6 @@ def test_without_drop_path_training_outputs_are_deterministic():
     x = torch.randn(4, 3, 16, 16)
     train = outputs(model, x, times=5)
     assert all(torch.equal(train[0], out) for out in train)
-
-
-def loss_and_grads(checkpointing: bool, drop_path: str, **options):
-    seed(0)
-    # 4 columns: joins with drop decisions run inside the checkpointed halves, too
-    model = FractalNet(blocks=2, columns=4, width=8, unit="conv-norm-act-drop", norm="batch",
-                       activation="relu", dropout=0.2, drop_path=drop_path,
-                       grad_checkpointing=checkpointing, **options).train()
-    x = torch.randn(8, 3, 16, 16)
-    labels = torch.randint(0, 10, (8,))
-    seed(123)
-    loss = nn.functional.cross_entropy(model(x), labels)
-    loss.backward()
-    # units a globally dropped column skips get no gradient at all
-    return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-                           for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("drop_path", ["none", "local", "local+global"])

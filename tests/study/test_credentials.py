@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 from servers import mlflow_server
 
 from fractal_mlops.urls import move_http_credentials, redact

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, StudyDir, write_config
+from helpers import REPO, StudyDir, write_config
 from servers import missing_tool, mlflow_server
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 
 from fractal_mlops.ui import model_name, trial_description, ui_lines
 

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import StudyDir, finished_points, write_config
+from helpers import StudyDir, finished_points, write_config
 from servers import mlflow_server
 
 from fractal_mlops.outage import HTTP_BOUNDS

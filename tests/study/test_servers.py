@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers import TESTS
 
 if TYPE_CHECKING:
     from servers import MlflowServer, PostgresCluster
@@ -170,7 +171,7 @@ def test_server(mlflow_server_on_postgres):
 def test_postgres_fixtures_fail_in_ci_where_postgresql_is_not_installed(ci, tmp_path):
     (tmp_path / "conftest.py").write_text(HIDDEN_POSTGRES_CONFTEST)
     (tmp_path / "test_needs_postgres.py").write_text(HIDDEN_POSTGRES_TESTS)
-    tests_dir = str(Path(__file__).resolve().parent)
+    tests_dir = str(TESTS)
     pythonpath = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],

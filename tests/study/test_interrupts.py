@@ -8,7 +8,7 @@ import os
 import signal
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
-"""One worker of tests/test_claims.py: claims grid points with the study's own claiming code and
-finishes each at once (no training), so that claims race as fast as the store allows.
+"""One worker of tests/study/test_claims.py: claims grid points with the study's own claiming
+code and finishes each at once (no training), so that claims race as fast as the store allows.
 
-    python tests/claim_worker.py STORAGE STUDY_NAME N_POINTS SEED
+    python tests/study/claim_worker.py STORAGE STUDY_NAME N_POINTS SEED
 """
 
 from __future__ import annotations

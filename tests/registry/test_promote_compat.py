@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers_registry import TINY, alias_version, mlflow_client, run_module, run_study, store, studied_store
-
-__all__ = ["store", "studied_store"]  # pytest fixtures used below
+from helpers import TINY, alias_version, mlflow_client, run_module, run_study
 
 OTHER = {
     "study_name": "registry-synthetic",

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import LONG_TRIAL, StudyDir, write_config
+from helpers import LONG_TRIAL, StudyDir, write_config
 
 QUICKSTART = "fractalnet-quickstart"
 TRAINING_PARAMS = ("epochs", "batch_size", "lr", "momentum", "optimizer", "seed", "amp",

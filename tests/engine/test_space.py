@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers_engine import EXPERIMENTS, run_module, structural_fingerprint, write_config
+from helpers import EXPERIMENTS, run_module, structural_fingerprint, write_config
 from torch import nn
 
 from fractal_mlops.config import SPACE_DEFAULTS, parse_config
@@ -132,9 +132,8 @@ def test_unused_dimensions_do_not_multiply_the_grid():
 
 
 def test_unused_dimension_seen_from_the_command_line(tmp_path):
-    path = write_config(tmp_path, {"data": {"name": "digits"},
-                                   "space": {"blocks": [2], "unit": ["conv-act"],
-                                             "norm": ["batch", "group"]}})
+    path = write_config(tmp_path / "experiment.yaml", base=None, data={"name": "digits"},
+                        space={"blocks": [2], "unit": ["conv-act"], "norm": ["batch", "group"]})
     variants = grid_json("--config", str(path))
     assert [v["name"] for v in variants] == ["b2-c3-w64-conv.relu-dpLG"]
 
@@ -169,7 +168,7 @@ def assert_one_line_error(done, *expected: str) -> None:
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_bad_config_is_one_line_and_exit_code_2(tmp_path, case):
     sections, expected = BAD_CONFIGS[case]
-    path = write_config(tmp_path, sections)
+    path = write_config(tmp_path / "experiment.yaml", base=None, **sections)
     assert_one_line_error(run_module("fractal_mlops.space", "--config", str(path)), expected)
 
 

@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 
 from fractal_mlops.halving import Rung, planned_epochs, rung_plan
 from fractal_mlops.sections import SearchConfig

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 
 from fractal_mlops.config import DIMENSIONS
 

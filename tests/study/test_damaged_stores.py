@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 
 from fractal_mlops.repair import repair_journal, scan_journal
 

@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 from servers import free_port
 
 from fractal_mlops.errors import CONFLICT, FAULT, OUTAGE, REFUSED, classify, exit_code_for

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import IMAGE_CLASSES, image_folder, write_image
 
 from fractal_mlops import data as data_module
 from fractal_mlops.data import DeviceLoader, load_dataset
 from fractal_mlops.errors import ConfigError
 from fractal_mlops.sections import DataConfig
-
-CLASSES = ["cat", "dog", "ship"]
 
 
 def test_digits_is_a_fixed_stratified_uint8_split():
@@ -51,31 +47,12 @@ def test_train_and_val_limits():
     assert torch.equal(limited.train_x, again.train_x)  # a fixed subset
 
 
-def write_image(path: Path, value: int, size: int = 32) -> None:
-    """A small RGB image whose left half is brighter than its right half (not mirror-symmetric)."""
-    pixels = np.full((size, size, 3), value, dtype=np.uint8)
-    pixels[:, : size // 2] = min(value + 60, 255)
-    Image.fromarray(pixels).save(path)
-
-
-def image_folder(root: Path, per_class: int = 3) -> Path:
-    for offset, split in enumerate(("train", "test")):
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                suffix = ".png" if i % 2 == 0 else ".jpg"
-                write_image(folder / f"{i:04d}{suffix}", 30 * label + 10 * i + 5 * offset)
-    (root / "train" / "cat" / "notes.txt").write_text("not an image")
-    return root
-
-
 def test_image_folder_loads_and_is_cached_on_disk(tmp_path, monkeypatch):
     root = image_folder(tmp_path / "images")
     cache = tmp_path / "cache"
     config = DataConfig(name="cifar10", root=str(root), cache_dir=str(cache))
     first = load_dataset(config)
-    assert first.classes == CLASSES
+    assert first.classes == IMAGE_CLASSES
     assert first.train_x.dtype == torch.uint8
     assert tuple(first.train_x.shape) == tuple(first.val_x.shape) == (9, 3, 32, 32)
     assert first.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

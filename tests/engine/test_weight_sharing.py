@@ -12,9 +12,7 @@ from itertools import pairwise
 import pytest
 import timm
 import torch
-from conftest import write_config
-from helpers_engine import structural_fingerprint
-from test_model import ConvCalls, convs, loss_and_grads
+from helpers import ConvCalls, StudyDir, convs, loss_and_grads, structural_fingerprint, write_config
 from torch import nn
 
 import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
@@ -284,7 +282,8 @@ def test_anytime_csv_layout(trained):
 # -- MLflow and reproduce -------------------------------------------------------------------
 
 def test_complete_trials_log_halting_metrics_and_anytime_csv_and_reproduce_compares_them(
-        study_dir):
+        tmp_path):
+    study_dir = StudyDir(tmp_path)
     config = write_config(study_dir.root / "halting.yaml", study_name="halting",
                           space={"blocks": [1], "columns": [3], "width": [8],
                                  "unit": ["conv-norm-act"], "weight_sharing": ["recursive"]},

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import StudyDir, write_config
-from test_data import image_folder
+from helpers import StudyDir, image_folder, write_config
 
 from fractal_mlops.config import load_config
 from fractal_mlops.errors import ConfigError

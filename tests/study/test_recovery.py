@@ -7,7 +7,7 @@ import collections
 import signal
 
 import pytest
-from conftest import LONG_TRIAL, StudyDir, finished_points, kill_mid_trial_then_resume, write_config
+from helpers import LONG_TRIAL, StudyDir, finished_points, kill_mid_trial_then_resume, write_config
 
 
 @pytest.mark.slow

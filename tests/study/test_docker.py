@@ -21,13 +21,13 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+from helpers import REPO, TESTS
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCKER = ROOT / "docker"
+DOCKER = REPO / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
 ENV_EXAMPLE = DOCKER / ".env.example"
-COMPOSE_SCHEMA = Path(__file__).resolve().parent / "vendor" / "compose-spec" / "compose-spec.json"
+COMPOSE_SCHEMA = TESTS / "vendor" / "compose-spec" / "compose-spec.json"
 
 # `python -m fractal_mlops.study` flags, from the contract in the design.
 CONTRACT_FLAGS = {"--config", "--tracking-uri", "--storage", "--study-name", "--workers",
@@ -301,7 +301,7 @@ def test_worker_scales_on_gpus_after_healthy_servers(compose):
 def test_worker_builds_the_dockerfile_from_the_repository_root(compose):
     build = compose["services"]["worker"]["build"]
     context = (COMPOSE_FILE.parent / build["context"]).resolve()
-    assert context == ROOT
+    assert context == REPO
     assert (context / build["dockerfile"]).resolve() == DOCKERFILE
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text(), re.M | re.I)
     for service in compose["services"].values():
@@ -315,7 +315,7 @@ def test_worker_uses_only_contract_flags(compose):
 
 
 def test_worker_flags_exist_in_the_study_cli(compose):
-    result = subprocess.run([sys.executable, "-m", "fractal_mlops.study", "--help"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "fractal_mlops.study", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     offered = set(re.findall(r"--[a-z][a-z0-9-]*", result.stdout))
@@ -419,7 +419,7 @@ def test_worker_image_runs_the_study_module_as_a_non_root_user():
     entrypoints = [i for i in worker if i.upper().startswith("ENTRYPOINT ")]
     entrypoint = json.loads(entrypoints[-1].split(None, 1)[1])
     assert entrypoint == ["python", "-m", "fractal_mlops.study"]
-    assert (ROOT / (entrypoint[2].replace(".", "/") + ".py")).is_file()
+    assert (REPO / (entrypoint[2].replace(".", "/") + ".py")).is_file()
     users = [i.split(None, 1)[1] for i in worker if i.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
 
@@ -437,4 +437,4 @@ def test_worker_image_is_cuda_capable_and_installs_the_repository():
         if instruction.upper().startswith("COPY ") and "--from" not in instruction:
             sources = instruction.split()[1:-1]
             for source in sources:
-                assert (ROOT / source).exists(), f"COPY source {source} is not in the repository"
+                assert (REPO / source).exists(), f"COPY source {source} is not in the repository"

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_registry import TINY, clean_env, mlflow_client, run_module, store, studied_store
+from helpers import TINY, clean_env, mlflow_client, run_module
 from servers import free_port
-
-__all__ = ["store", "studied_store"]  # pytest fixtures used below
 
 CHAMPION = "models:/FractalNet@champion"
 START_TIMEOUT = 180  # seconds; `mlflow models serve` imports torch and MLflow in two processes

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import StudyDir, write_config
+from helpers import StudyDir, write_config
 
 
 def processes_running(marker: str) -> list[int]:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import load_optuna_study
+from helpers import load_optuna_study
 
 WORKER = Path(__file__).with_name("claim_worker.py")
 POINTS = 60

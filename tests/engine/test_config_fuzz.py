@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import StudyDir
+from helpers import StudyDir
 
 from fractal_mlops.config import load_config
 from fractal_mlops.errors import ConfigError

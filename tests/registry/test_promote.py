@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers_registry import (
+from helpers import (
     LATER,
     TINY,
     Store,
@@ -15,13 +15,9 @@ from helpers_registry import (
     mlflow_client,
     run_module,
     run_study,
-    store,
-    studied_store,
     trial_runs,
     versions,
 )
-
-__all__ = ["store", "studied_store"]  # pytest fixtures used below
 
 
 def promote(store: Store, *args: str, via_cli: bool = False):

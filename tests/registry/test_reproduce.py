@@ -9,19 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_registry import (
+from helpers import (
     REPO,
     TINY,
     Store,
     clean_env,
     mlflow_client,
     run_module,
-    store,
-    studied_store,
     trial_runs,
 )
-
-__all__ = ["store", "studied_store"]  # pytest fixtures used below
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -50,7 +46,8 @@ def test_reproducing_a_quickstart_trial_gives_identical_per_epoch_metrics(tmp_pa
     # the shipped quickstart, first two grid points; the second trains after the first in the
     # same process, the harder case for determinism
     study = run_module("fractal_mlops.study", "--tracking-uri", store.uri, "--storage",
-                       f"journal:{tmp_path}/optuna.journal", "--n-trials", "2", cwd=tmp_path)
+                       f"journal:{tmp_path}/optuna.journal", "--n-trials", "2", cwd=tmp_path,
+                       timeout=600)
     assert study.returncode == 0, study.stderr[-2000:]
     client = mlflow_client(store.uri)
     runs = trial_runs(client, "fractalnet-quickstart")
