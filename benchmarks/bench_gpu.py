@@ -14,7 +14,7 @@ the config's amp, gradient checkpointing and channels_last):
     for the best worker count.
 
     python benchmarks/bench_gpu.py [--steps 200] [--compile] [--workers 1,2,4]
-    python benchmarks/bench_gpu.py --device cpu --steps 5   # the same code, on a CPU
+    python benchmarks/bench_gpu.py --device cpu --steps 3 --largest 2x2   # the code, on a CPU
 
 Without a CUDA device (and without --device cpu) it prints "no CUDA device" and exits 0.
 Record the figures in benchmarks/RESULTS.md.
@@ -70,11 +70,11 @@ def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: b
         run.model = torch.compile(run.model)
     batches = list(run.train_loader)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for images_, labels in batches[:10]:  # warm-up: allocator, cuDNN autotuning, compilation
+    for images_, labels in batches[:min(10, steps)]:  # warm-up: allocator, cuDNN, compilation
         run.train_step(images_, labels)
     sync()
     start = time.perf_counter()
-    for images_, labels in batches[10:]:
+    for images_, labels in batches[10:10 + steps]:
         run.train_step(images_, labels)
     sync()
     seconds = time.perf_counter() - start
@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="timed training steps")
     parser.add_argument("--compile", action="store_true", help="also under torch.compile")
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument("--largest", default="5x7", help="blocks x columns of the largest "
+                        "variant (default 5x7: 687M parameters, for a GPU)")
     args = parser.parse_args(argv)
+    blocks, columns = (int(n) for n in args.largest.lower().split("x"))
+    VARIANTS["largest"] = (blocks, columns)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
