@@ -29,8 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fractal_mlops.anytime import anytime_curve, column_flops, halting_predict
-from fractal_mlops.config import DataConfig, TrainConfig
 from fractal_mlops.data import load_dataset
+from fractal_mlops.sections import DataConfig, TrainConfig
 from fractal_mlops.train import Trainer
 
 THRESHOLDS = (0.5, 0.9, 0.99, 0.999)

@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from fractal_mlops.config import DataConfig, TrainConfig
 from fractal_mlops.data import load_dataset
+from fractal_mlops.sections import DataConfig, TrainConfig
 from fractal_mlops.train import Trainer
 
 SETTINGS = {

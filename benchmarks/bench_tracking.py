@@ -38,6 +38,7 @@ def main() -> None:
     from fractal_mlops.signals import InterruptGuard
     from fractal_mlops.space import grid
     from fractal_mlops.storage import resolve_storage
+    from fractal_mlops.tracking import configure
     from fractal_mlops.train import Trainer
 
     torch.set_num_threads(2)
@@ -63,6 +64,7 @@ def main() -> None:
             tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
             storage=resolve_storage(f"journal:{workdir / 'optuna.journal'}", None),
             device="cpu", workers=1, n_trials=None)
+        configure(settings.tracking_uri)  # as the study's main does
         study, tracker, parent = study_module.open_stores(settings, [variant])
         ctx = trial_module.TrialContext(study, tracker, parent, settings, data,
                                         torch.device("cpu"), [variant], InterruptGuard())

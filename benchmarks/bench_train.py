@@ -134,8 +134,8 @@ def lockstep(images: np.ndarray, labels: np.ndarray, mean, std, amp: str,
     (timed separately and subtracted from (b)'s time). Both draw the same drop-path plan
     (a global column, or local drops) at step i, since their compute would differ otherwise.
     """
-    from fractal_mlops.config import TrainConfig
     from fractal_mlops.data import Dataset
+    from fractal_mlops.sections import TrainConfig
     from fractal_mlops.train import Trainer
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -201,7 +201,7 @@ def input_pipelines(images: np.ndarray, labels: np.ndarray, mean, std) -> tuple[
 MEMORY_CHILD = r"""
 import json, sys, torch
 from pathlib import Path
-from fractal_mlops.config import TrainConfig
+from fractal_mlops.sections import TrainConfig
 from fractal_mlops.data import Dataset
 from fractal_mlops.train import Trainer
 

@@ -1,4 +1,5 @@
-"""Typed, validated experiment configuration: the one place for defaults and config errors.
+"""The experiment config: one YAML file read into an ExperimentConfig, with its search space
+checked here and its other sections in sections.py.
 
 An experiment YAML has seven sections (all optional except what differs from the defaults):
 
@@ -22,26 +23,26 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Bad user input: reported as one line on stderr with exit code 2."""
-
-
-# Input shape (channels, height, width) and class count of each dataset, known without loading it.
-DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "digits": (1, 8, 8),
-    "cifar10": (3, 32, 32),
-    "synthetic": (3, 8, 8),
-}
-DATASET_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
+from .errors import ConfigError
+from .sections import (
+    DataConfig,
+    EvaluationConfig,
+    PruningConfig,
+    RunConfig,
+    SearchConfig,
+    TrainConfig,
+    check_min_epochs,
+    one_of,
+    read_section,
+    yaml_number,
+)
 
 UNIT_OPS = ("conv", "norm", "act", "drop")
 NORMS = ("batch", "group", "layer", "none")
@@ -53,11 +54,6 @@ ACTIVATIONS = (
 )
 DROP_PATHS = ("none", "local", "local+global")
 WEIGHT_SHARING = ("none", "recursive")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-OPTIMIZERS = ("sgd", "adamw")
-PRUNERS = ("none", "median", "successive_halving")
-SEARCH_MODES = ("grid", "halving")
-DEVICES = ("auto", "cpu", "cuda")
 MAX_COLUMNS = 8
 
 # A dimension the YAML leaves out keeps this single value.
@@ -73,75 +69,6 @@ SPACE_DEFAULTS: dict[str, list[Any]] = {
     "weight_sharing": ["none"],
 }
 DIMENSIONS = tuple(SPACE_DEFAULTS)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "digits"
-    root: str | None = None  # cifar10: an ImageFolder tree (train/, test/) or torchvision's root
-    download: bool = False  # cifar10 via torchvision when root is not an ImageFolder tree
-    val_fraction: float = 0.2  # digits / synthetic: held-out share (stratified, fixed seed)
-    flip: bool | None = None  # random horizontal flip in training; default: True for cifar10
-    train_limit: int | None = None  # use a fixed, class-balanced subset of N training images
-    val_limit: int | None = None
-    synthetic_size: int = 600
-    cache_dir: str | None = None  # decoded ImageFolder cache; default ~/.cache/fractal_mlops
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return DATASET_SHAPES[self.name]
-
-    @property
-    def num_classes(self) -> int:
-        return DATASET_CLASSES[self.name]
-
-    @property
-    def use_flip(self) -> bool:
-        return self.name == "cifar10" if self.flip is None else self.flip
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"
-    seed: int = 0
-    amp: str = "off"
-    grad_checkpointing: bool = False
-    channels_last: bool = False
-
-
-@dataclass(frozen=True)
-class PruningConfig:
-    warmup_epochs: int = 1  # epochs before the divergence check applies
-    chance_margin: float = 0.05  # val_acc <= 1/num_classes + margin after warm-up: pruned
-    pruner: str = "none"  # an Optuna pruner combined with the divergence check
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    mode: str = "grid"  # grid: every point to training.epochs; halving: see halving.py
-    min_epochs: int = 1  # halving: epochs of the first rung
-    reduction_factor: int = 3  # halving: each rung keeps the best 1/reduction_factor
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    # anytime inference: an image stops at the first column whose top softmax probability
-    # reaches this (0: always column 1; 1: only a certain answer stops early)
-    halting_threshold: float = 0.9
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
-    storage: str | None = None  # default: a journal file under mlruns/
-    device: str = "auto"
-    workers: int = 1
-    n_trials: int | None = None  # cap on trials started by one invocation
 
 
 @dataclass(frozen=True)
@@ -239,17 +166,13 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
         raise ConfigError(f"unknown config section {unknown[0]!r} (expected one of {sorted(known)})")
     study_name = check_study_name(
         raw.get("study_name", Path(source).stem if source != "<dict>" else "fractalnet"))
-    data = _section(DataConfig, raw.get("data"), "data")
-    training = _section(TrainConfig, raw.get("training"), "training")
-    pruning = _section(PruningConfig, raw.get("pruning"), "pruning")
-    evaluation = _section(EvaluationConfig, raw.get("evaluation"), "evaluation")
-    _check_data(data)
-    _check_training(training)
-    _check_pruning(pruning)
-    _check_evaluation(evaluation)
-    search = _section(SearchConfig, raw.get("search"), "search")
-    _check_search(search, training)
-    run = check_run(_section(RunConfig, raw.get("run"), "run"))
+    data = read_section(DataConfig, raw.get("data"), "data")
+    training = read_section(TrainConfig, raw.get("training"), "training")
+    pruning = read_section(PruningConfig, raw.get("pruning"), "pruning")
+    evaluation = read_section(EvaluationConfig, raw.get("evaluation"), "evaluation")
+    search = read_section(SearchConfig, raw.get("search"), "search")
+    check_min_epochs(search, training)
+    run = read_section(RunConfig, raw.get("run"), "run")
     space = _check_space(raw.get("space"), data)
     return ExperimentConfig(study_name, data, space, training, pruning, search, evaluation,
                             run, source)
@@ -274,127 +197,6 @@ def check_study_name(name: Any) -> str:
         raise ConfigError(f"study_name is {len(name.encode())} bytes long; the stores take at "
                           f"most {MAX_NAME_BYTES} (it names the MLflow experiment and a folder)")
     return name
-
-
-def _section(cls: type, raw: Any, name: str) -> Any:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping")
-    allowed = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in allowed:
-            raise ConfigError(f"unknown key {name}.{key} (expected one of {sorted(allowed)})")
-        values[key] = _coerce(value, allowed[key].type, f"{name}.{key}")
-    return cls(**values)
-
-
-# YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`) and `off` / `no` as false:
-# take the number, and the "off" word of the settings that have one.
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-_OFF_WORDS = {"training.amp": "off", "pruning.pruner": "none"}
-
-
-def yaml_number(value: Any) -> Any:
-    """'1e-3' -> 0.001; anything else unchanged."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return value
-
-
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    kinds = annotation.replace(" ", "").split("|")
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    if "bool" not in kinds and isinstance(value, bool):
-        if value is False and where in _OFF_WORDS:
-            return _OFF_WORDS[where]
-        raise ConfigError(f"{where}: YAML reads yes/no/on/off/true/false as a boolean; "
-                          f"quote the word, e.g. {where.split('.')[-1]}: '{'on' if value else 'off'}'")
-    if "str" not in kinds:
-        value = yaml_number(value)
-    for kind in kinds:
-        if kind == "bool" and isinstance(value, bool):
-            return value
-        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "str" and isinstance(value, str):
-            return value
-    expected = " or ".join(k for k in kinds if k != "None")
-    raise ConfigError(f"{where} must be {expected}, got {value!r}")
-
-
-def _check_data(data: DataConfig) -> None:
-    if data.name not in DATASET_SHAPES:
-        raise ConfigError(f"data.name {data.name!r} is unknown (expected one of {sorted(DATASET_SHAPES)})")
-    if not 0.0 < data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {data.val_fraction}")
-    for key in ("train_limit", "val_limit"):
-        value = getattr(data, key)
-        if value is not None and value < 10:
-            raise ConfigError(f"data.{key} must be at least 10 (an image per class), got {value}")
-    if data.synthetic_size < 20:
-        raise ConfigError(f"data.synthetic_size must be at least 20, got {data.synthetic_size}")
-
-
-def _check_training(t: TrainConfig) -> None:
-    for key in ("epochs", "batch_size"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"training.{key} must be a positive number, got {getattr(t, key)}")
-    if not t.lr > 0 or not math.isfinite(t.lr):
-        raise ConfigError(f"training.lr must be a positive number, got {t.lr}")
-    if not 0.0 <= t.momentum < 1.0:
-        raise ConfigError(f"training.momentum must be in [0, 1), got {t.momentum}")
-    if t.weight_decay < 0:
-        raise ConfigError(f"training.weight_decay must not be negative, got {t.weight_decay}")
-    if t.seed < 0:
-        raise ConfigError(f"training.seed must not be negative, got {t.seed}")
-    _one_of(t.optimizer, OPTIMIZERS, "training.optimizer")
-    _one_of(t.amp, AMP_MODES, "training.amp")
-
-
-def _check_pruning(p: PruningConfig) -> None:
-    if p.warmup_epochs < 0:
-        raise ConfigError(f"pruning.warmup_epochs must not be negative, got {p.warmup_epochs}")
-    if not 0.0 <= p.chance_margin < 1.0:
-        raise ConfigError(f"pruning.chance_margin must be in [0, 1), got {p.chance_margin}")
-    _one_of(p.pruner, PRUNERS, "pruning.pruner")
-
-
-def _check_evaluation(e: EvaluationConfig) -> None:
-    if not 0.0 <= e.halting_threshold <= 1.0:  # also refuses nan
-        raise ConfigError("evaluation.halting_threshold must be a probability in [0, 1], "
-                          f"got {e.halting_threshold}")
-
-
-def _check_search(s: SearchConfig, training: TrainConfig) -> None:
-    _one_of(s.mode, SEARCH_MODES, "search.mode")
-    if not 1 <= s.min_epochs <= training.epochs:
-        raise ConfigError(f"search.min_epochs must be between 1 and training.epochs "
-                          f"({training.epochs}), got {s.min_epochs}")
-    if s.reduction_factor < 2:
-        raise ConfigError(f"search.reduction_factor must be at least 2, got {s.reduction_factor}")
-
-
-def check_run(r: RunConfig) -> RunConfig:
-    _one_of(r.device, DEVICES, "device")
-    if r.workers < 1:
-        raise ConfigError(f"workers must be a positive number, got {r.workers}")
-    if r.n_trials is not None and r.n_trials < 1:
-        raise ConfigError(f"n_trials must be a positive number, got {r.n_trials}")
-    return r
-
-
-def _one_of(value: Any, allowed: tuple, where: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{where} {value!r} is unknown (expected one of {', '.join(allowed)})")
 
 
 def parse_unit(unit: Any, where: str = "space.unit") -> tuple[str, ...]:
@@ -460,5 +262,5 @@ def _check_value(dim: str, value: Any) -> Any:
                "weight_sharing": WEIGHT_SHARING}[dim]
     if not isinstance(value, str):
         raise ConfigError(f"{where} values must be strings, got {value!r}")
-    _one_of(value.lower(), allowed, where)
+    one_of(value.lower(), allowed, where)
     return value.lower()

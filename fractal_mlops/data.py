@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError, DataConfig
+from .errors import ConfigError
+from .sections import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp"}
 

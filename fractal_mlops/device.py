@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

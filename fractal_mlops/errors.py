@@ -27,6 +27,10 @@ _RETRIED_STATUS = re.compile(r"too many (\d{3}) error responses")
 _CONFLICT_TEXT = re.compile(r"UNIQUE constraint failed|duplicate key value")
 
 
+class ConfigError(ValueError):
+    """Bad user input: reported as one line on stderr with exit code 2."""
+
+
 class ServerFault(Exception):
     """A server answered with an error of its own (5xx): exit 1, not bad input."""
 

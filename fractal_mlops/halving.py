@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from .config import ExperimentConfig, SearchConfig
+    from .config import ExperimentConfig
     from .console import StudyProgress
+    from .sections import SearchConfig
     from .space import Variant
     from .trial import TrialContext
 

@@ -4,7 +4,7 @@ Claiming needs a trial created RUNNING with its point and owner in one storage c
 needs a heartbeat written from another thread; recovery and halving write the state or an
 attribute of another worker's trial. `study.tell` and `trial.set_user_attr` cannot: they act on
 the current process's own trials. Every private attribute these calls need (`study._storage`,
-`study._study_id`, `trial._trial_id`) is read here and nowhere else; tests/test_claims.py pins
+`study._study_id`, `trial._trial_id`) is read here and nowhere else; tests/study/test_claims.py pins
 the GridSampler attributes that claims.claim_next writes through `create`.
 """
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import optuna_trials
-from .config import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli import OneLineParser
-from .config import ConfigError
-from .tracking import check_existing_store, mlflow_error_line, open_store, redact, resolve_tracking_uri
+from .errors import ConfigError
+from .stores import check_existing_store, resolve_tracking_uri
+from .urls import redact
 
 if TYPE_CHECKING:
     from .report_data import StudyData
@@ -57,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .console import error_line
+    from .tracking import configure, mlflow_error_line
 
     try:
         uri, experiment, out, top = resolve_settings(args)
+        configure(uri)
         written = build_report(uri, experiment, out, top)
     except ConfigError as exc:
         error_line(redact(str(exc)))
@@ -154,6 +157,7 @@ def build_report(tracking_uri: str, experiment: str, out: Path | None, top: int)
     from .report_data import collect
     from .report_figures import FIGURES, figures
     from .report_html import render_html
+    from .tracking import open_store
 
     client = open_store(tracking_uri)
     data = collect(client, experiment, tracking_uri, top)

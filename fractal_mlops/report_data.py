@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DIMENSIONS, ConfigError
-from .tracking import REASON, ROLE, STATE, VARIANT, no_artifact_progress_bars, redact
+from .config import DIMENSIONS
+from .errors import ConfigError
+from .ui import REASON, ROLE, STATE, VARIANT
+from .urls import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -101,15 +103,13 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
     data = StudyData(experiment_name, tracking_uri, parent.info.run_id if parent else None,
                      grid_size, trials, dimensions, varied, max(columns, default=0), ranked,
                      ranked[:top], champion(client))
-    with no_artifact_progress_bars():
-        for trial in data.top:
-            history = client.get_metric_history(trial.run_id, "val_acc")
-            data.histories[trial.run_id] = sorted((m.step, m.value) for m in history)
-            curve = _anytime_curve(client, trial.run_id)
-            if curve:
-                data.anytime[trial.run_id] = curve
+    for trial in data.top:
+        history = client.get_metric_history(trial.run_id, "val_acc")
+        data.histories[trial.run_id] = sorted((m.step, m.value) for m in history)
+        curve = _anytime_curve(client, trial.run_id)
+        if curve:
+            data.anytime[trial.run_id] = curve
     return data
-
 
 
 def matched(trials: list[TrialRecord], dim: str, dimensions: list[str]) -> list[TrialRecord]:

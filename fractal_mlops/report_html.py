@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from html import escape
 from typing import TYPE_CHECKING
 
-from .tracking import redact
+from .urls import redact
 
 if TYPE_CHECKING:
     from .report_data import StudyData, TrialRecord

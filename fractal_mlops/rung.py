@@ -182,12 +182,10 @@ def _save_checkpoint(tracker, run_id: str, state: dict) -> None:
 def _load_checkpoint(tracker, run_id: str) -> dict | None:
     import torch
 
-    from .tracking import no_artifact_progress_bars
-
     names = [a.path for a in tracker.client.list_artifacts(run_id, CHECKPOINT_DIR)]
     if f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}" not in names:
         return None
-    with tempfile.TemporaryDirectory() as folder, no_artifact_progress_bars():
+    with tempfile.TemporaryDirectory() as folder:
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
                                                  folder)
         return torch.load(path, map_location="cpu", weights_only=False)

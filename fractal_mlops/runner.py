@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .config import ExperimentConfig, PruningConfig
+    from .config import ExperimentConfig
     from .data import Dataset
+    from .sections import PruningConfig
     from .space import Variant
     from .tracking import Tracker
     from .train import EpochResult, Trainer

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .cli import OneLineParser
-from .config import DIMENSIONS, SPACE_DEFAULTS, ConfigError, ExperimentConfig, load_config
+from .config import DIMENSIONS, SPACE_DEFAULTS, ExperimentConfig, load_config
+from .errors import ConfigError
 
 DROP_PATH_SHORT = {"none": "dp0", "local": "dpL", "local+global": "dpLG"}
 MIN_SHARING_COLUMNS = 3

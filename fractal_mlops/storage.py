@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import ConfigError
+from .errors import ConfigError
 from .outage import POSTGRES_CONNECT_ARGS, wait_for_storage
 from .repair import check_journal, repair_journal
 from .stores import (

@@ -11,13 +11,20 @@ import contextlib
 import fcntl
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from .config import ConfigError
+from .errors import ConfigError, ServerFault
+from .outage import bound_http_retries
 from .repair import check_sqlite_file
-from .urls import redact
+from .urls import http_auth_header, move_http_credentials, redact
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+TRACKING_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"}
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -123,3 +130,77 @@ def sqlite_lock(url: str) -> Iterator[None]:
         return
     with file_lock(path.with_name(path.name + ".lock")):
         yield
+
+
+# -- the MLflow tracking store ------------------------------------------------------------
+
+def resolve_tracking_uri(flag: str | None, configured: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config, else the local SQLite store.
+    Credentials in an http(s) URI move to MLFLOW_TRACKING_USERNAME / _PASSWORD (or _TOKEN),
+    where MLflow reads them, so the URI that is shown and passed on holds none."""
+    uri = move_http_credentials(
+        flag or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI)
+    bound_http_retries(uri)  # an outage is noticed in about 30 s, not minutes
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail with one clear line (ConfigError) when the store cannot be used; create nothing."""
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    if scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
+        raise ConfigError(f"tracking URI {redact(uri)!r}: MLflow 3 refuses the plain file store; "
+                          f"use {DEFAULT_TRACKING_URI} or an http(s):// tracking server")
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r} "
+                          "(expected sqlite:///, postgresql://, http(s)://)")
+    if scheme == "sqlite":
+        check_sqlite_url(uri, "tracking URI")
+    elif scheme in ("http", "https"):
+        _check_tracking_server(move_http_credentials(uri).rstrip("/"))
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        check_database_url(sqlalchemy_url(uri), "tracking URI")
+
+
+def _check_tracking_server(base: str) -> None:
+    """/health answers, and an authenticated read is not refused (401/403: the credentials)."""
+    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+        request = urllib.request.Request(base + path, headers=http_auth_header())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise ConfigError(
+                    f"the MLflow tracking server at {redact(base)} refused the credentials "
+                    f"(HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or put user:password@ "
+                    "in the URI") from None
+            if exc.code >= 500:
+                raise ServerFault(f"the MLflow tracking server at {redact(base)} failed: HTTP "
+                                  f"{exc.code} on {path.split('?')[0]}") from None
+            if path == "/health":
+                raise ConfigError(f"the MLflow tracking server at {redact(base)} answered "
+                                  f"HTTP {exc.code} on {path.split('?')[0]}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"cannot reach the MLflow tracking server at {redact(base)}: "
+                              f"{redact(str(reason))}") from None
+
+
+def check_existing_store(uri: str) -> None:
+    """The store must be reachable and, for SQLite, exist already: reading commands create no
+    database (a typo in the path would otherwise give an empty store)."""
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        path = sqlite_path(uri)
+        if path is None or not path.is_file():
+            raise ConfigError(f"no MLflow store at {path} (tracking URI {uri}): run a study "
+                              "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Local SQLite stores keep artifacts beside the database: mlruns/artifacts/."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None  # a tracking server (or remote database) decides
+    return (db.absolute().parent / "artifacts").as_uri()

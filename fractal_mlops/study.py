@@ -25,14 +25,15 @@ from .claims import (
     points_done,
 )
 from .cli import OneLineParser
-from .config import ConfigError, ExperimentConfig, check_run, check_study_name, load_config
-from .errors import ServerFault, is_outage
+from .config import ExperimentConfig, check_study_name, load_config
+from .errors import ConfigError, ServerFault, is_outage
 from .outcome import (
     TrialState,
     one_line,
 )
 from .preflight import check_feasible, check_workers
 from .repair import restart_study, trained_nothing
+from .sections import check_run
 from .signals import InterruptGuard
 from .space import Variant, grid
 from .storage import (
@@ -43,9 +44,10 @@ from .storage import (
     open_storage,
     resolve_storage,
 )
-from .tracking import check_tracking_uri, redact, resolve_tracking_uri
+from .stores import check_tracking_uri, resolve_tracking_uri
 from .trial import StopWorker, TrialContext, claim_and_run
-from .workers import WorkerGroup, exit_code, install_stop_handlers, signal_name
+from .urls import redact
+from .workers import WorkerGroup, exit_code, signal_name
 
 if TYPE_CHECKING:
     import optuna
@@ -114,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     install_redaction()
 
     try:
-        settings = resolve_settings(args)
-        run = launch_workers if settings.workers > 1 else run_worker
-        return run(replace(settings, report=not args.no_report), make_console())
+        settings = replace(resolve_settings(args), report=not args.no_report)
+        from .tracking import configure
+
+        configure(settings.tracking_uri)
+        interrupts = InterruptGuard().install()  # a stop signal now raises workers.Stopped
+        if settings.workers > 1:
+            return launch_workers(settings, make_console())
+        return run_worker(settings, make_console(), interrupts)
     except ConfigError as exc:
         error_line(redact(str(exc)))
         return EXIT_BAD_INPUT
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- one worker ----------------------------------------------------------------------------
 
-def run_worker(settings: StudySettings, console) -> int:
+def run_worker(settings: StudySettings, console, interrupts: InterruptGuard) -> int:
     import torch
 
     from .console import StudyProgress, worker_prefix
@@ -153,7 +160,6 @@ def run_worker(settings: StudySettings, console) -> int:
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
     variants = grid(config)
     check_feasible(config, device, data, variants)
-    interrupts = InterruptGuard().install()
 
     started_at = time.monotonic()
     with interrupts.deferred():  # a Ctrl-C here would leave the study's run RUNNING
@@ -305,7 +311,6 @@ def launch_workers(settings: StudySettings, console) -> int:
     from .device import resolve_device
 
     started_at = time.monotonic()
-    install_stop_handlers()
     device = resolve_device(settings.device)  # bad input fails here, before any store is touched
     data = load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
     check_workers(settings.workers, data.train_x.nbytes + data.val_x.nbytes)

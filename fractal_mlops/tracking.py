@@ -1,138 +1,79 @@
-"""Everything MLflow: stores, the study's parent run, trial runs, metrics, models, tags, redaction.
+"""MLflow's records of a study: its parent run, trial runs, metrics, models and tags, through
+an explicit MlflowClient; and MLflow's process-wide settings (`configure`).
 
 Names follow the contract in DESIGN.md (tags `fractal.*`, `optuna.*`; metrics per epoch with
-step = epoch; final metrics; the trial's config.yaml; a pyfunc-loadable model).
-The module imports mlflow lazily so that URI checks and `--help` stay cheap.
+step = epoch; final metrics; the trial's config.yaml; a pyfunc-loadable model). Store URLs are
+checked in stores.py, without MLflow; commands import this module after parsing their
+arguments, so that `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from .config import ConfigError
-from .errors import ServerFault, is_unique_violation
-from .outage import bound_http_retries
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from .errors import is_unique_violation
 from .outcome import RETRYABLE, TrialState
 from .stores import (
-    check_database_url,
-    check_sqlite_url,
-    sqlalchemy_url,
+    artifact_root_for,
     sqlite_lock,
-    sqlite_path,
 )
 from .ui import (
+    CONFIG_SHA,
     CUSTOM_MODEL_DEVELOPMENT,
     EXPERIMENT_KIND,
+    MODEL_URI,
     NOTE,
+    REASON,
+    ROLE,
+    STATE,
+    VARIANT,
     finished_run_name,
     model_name,
     trial_description,
 )
-from .urls import http_auth_header, move_http_credentials, redact
+from .urls import redact
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from .data import Dataset
     from .train import EpochResult
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-TRACKING_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"}
-ROLE, STATE, REASON, VARIANT = "fractal.role", "fractal.state", "fractal.reason", "fractal.variant"
-MODEL_URI, CONFIG_SHA, REPRODUCES = "fractal.model_uri", "fractal.config_sha256", "fractal.reproduces"
 
+def configure(uri: str) -> None:
+    """MLflow's process-wide settings, set once by each command's main, before any store call.
 
-
-def resolve_tracking_uri(flag: str | None, configured: str | None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config, else the local SQLite store.
-    Credentials in an http(s) URI move to MLFLOW_TRACKING_USERNAME / _PASSWORD (or _TOKEN),
-    where MLflow reads them, so the URI that is shown and passed on holds none."""
-    uri = move_http_credentials(
-        flag or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI)
-    bound_http_retries(uri)  # an outage is noticed in about 30 s, not minutes
-    return uri
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Fail with one clear line (ConfigError) when the store cannot be used; create nothing."""
-    scheme = urlsplit(uri).scheme.split("+")[0]
-    if scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
-        raise ConfigError(f"tracking URI {redact(uri)!r}: MLflow 3 refuses the plain file store; "
-                          f"use {DEFAULT_TRACKING_URI} or an http(s):// tracking server")
-    if scheme not in TRACKING_SCHEMES:
-        raise ConfigError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r} "
-                          "(expected sqlite:///, postgresql://, http(s)://)")
-    if scheme == "sqlite":
-        check_sqlite_url(uri, "tracking URI")
-    elif scheme in ("http", "https"):
-        _check_tracking_server(move_http_credentials(uri).rstrip("/"))
-    elif scheme in ("postgresql", "mysql", "mssql"):
-        check_database_url(sqlalchemy_url(uri), "tracking URI")
-
-
-def _check_tracking_server(base: str) -> None:
-    """/health answers, and an authenticated read is not refused (401/403: the credentials)."""
-    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
-        request = urllib.request.Request(base + path, headers=http_auth_header())
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                raise ConfigError(
-                    f"the MLflow tracking server at {redact(base)} refused the credentials "
-                    f"(HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
-                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or put user:password@ "
-                    "in the URI") from None
-            if exc.code >= 500:
-                raise ServerFault(f"the MLflow tracking server at {redact(base)} failed: HTTP "
-                                  f"{exc.code} on {path.split('?')[0]}") from None
-            if path == "/health":
-                raise ConfigError(f"the MLflow tracking server at {redact(base)} answered "
-                                  f"HTTP {exc.code} on {path.split('?')[0]}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(f"cannot reach the MLflow tracking server at {redact(base)}: "
-                              f"{redact(str(reason))}") from None
-
-
-def check_existing_store(uri: str) -> None:
-    """The store must be reachable and, for SQLite, exist already: reading commands create no
-    database (a typo in the path would otherwise give an empty store)."""
-    check_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        path = sqlite_path(uri)
-        if path is None or not path.is_file():
-            raise ConfigError(f"no MLflow store at {path} (tracking URI {uri}): run a study "
-                              "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    - The tracking URI: `log_model`, pyfunc loading and the registry's resolution of
+      `models:/m-...` sources go through it, not through a client.
+    - No progress bar per downloaded artifact, and no "Creating tables" line: noise between
+      our own lines.
+    - No warning about the pickle format on every logged model: loading it runs this project's
+      own code only.
+    """
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
 
 
 def open_store(uri: str) -> MlflowClient:
-    """An MlflowClient on `uri`. The registry's SQL store resolves `models:/m-...` sources
-    through MLflow's process-wide tracking URI, so that is set too."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def artifact_root_for(tracking_uri: str) -> str | None:
-    """Local SQLite stores keep artifacts beside the database: mlruns/artifacts/."""
-    db = sqlite_path(tracking_uri)
-    if db is None:
-        return None  # a tracking server (or remote database) decides
-    return (db.absolute().parent / "artifacts").as_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def git_commit() -> str | None:
@@ -176,15 +117,11 @@ class Tracker:
     """MLflow records of one experiment (= one study), through an explicit MlflowClient."""
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
-        import logging
-
-        import mlflow
-
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables"
+        if mlflow.get_tracking_uri() != tracking_uri:  # log_model can only go through that one
+            raise RuntimeError("MLflow's process-wide tracking URI is not the tracker's: call "
+                               "tracking.configure(uri) first")
         self.uri = tracking_uri
-        # log_model and pyfunc loading go through MLflow's process-wide settings
-        mlflow.set_tracking_uri(tracking_uri)
-        self.client: MlflowClient = mlflow.MlflowClient(tracking_uri)
+        self.client: MlflowClient = MlflowClient(tracking_uri)
         if tracking_uri.startswith("sqlite:///"):
             self.client = _OneWriterAtATime(self.client, tracking_uri)  # type: ignore[assignment]
         with sqlite_lock(tracking_uri):  # first use creates the tables: one process at a time
@@ -195,8 +132,6 @@ class Tracker:
         self._worked_for: set[str] = set()  # study runs this process finished a trial of
 
     def _experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
         existing = self.client.get_experiment_by_name(name)
         if existing is not None:
             if existing.lifecycle_stage == "deleted":
@@ -278,8 +213,6 @@ class Tracker:
         return run_id
 
     def log_epoch(self, run_id: str, result: EpochResult) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, result.epoch) for k, v in result.metrics().items()]
         self.client.log_batch(run_id, metrics=metrics)
@@ -291,19 +224,10 @@ class Tracker:
         The "pickle" format costs ~0.1 s here, against 3.5-10 s for MLflow 3's default "pt2"
         export; an explicit signature and pip requirements skip inference of both.
         """
-        import logging
-
-        import mlflow
-        import numpy as np
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
         )
-        # MLflow warns about pickle on every call; loading runs this project's own code only
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         record = self._record(run_id)
         # Named after the variant, with the trial's params, so the Models tab tells them apart
         with sqlite_lock(self.uri):  # MLflow's own calls, not through self.client
@@ -324,8 +248,6 @@ class Tracker:
     def finish_trial(self, run_id: str, state: str, reason: str | None = None,
                      final_metrics: dict[str, float] | None = None,
                      status: str | None = None) -> None:
-        from mlflow.entities import Metric, RunTag
-
 
         now = int(time.time() * 1000)
         reason = redact(reason)[:5000] if reason else None
@@ -383,17 +305,11 @@ class Tracker:
         return tags
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
 
     def _log_dataset(self, run_id: str, dataset: Dataset) -> None:
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
         source = CodeDatasetSource(tags={"source": redact(dataset.source)})
         meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
         inputs = [DatasetInput(meta._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])]
@@ -425,8 +341,6 @@ class _TrialRecord:
 
 def mlflow_error_line(exc: BaseException) -> str | None:
     """One redacted line for an MlflowException (None for any other error)."""
-    from mlflow.exceptions import MlflowException
-
     if not isinstance(exc, MlflowException):
         return None
     return f"MLflow: {redact(' '.join(str(exc.message).split()))[:500]}"
@@ -436,18 +350,3 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "timm", "fractal-mlops")]
-
-
-@contextlib.contextmanager
-def no_artifact_progress_bars() -> Iterator[None]:
-    """MLflow draws a progress bar per downloaded artifact: noise between our own lines."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before

@@ -30,10 +30,10 @@ from .anytime import (
     curve_csv,
     halting_point,
 )
-from .config import TrainConfig
 from .data import Dataset, DeviceLoader
 from .device import PeakMemory, resolve_amp
 from .model import FractalNet, build_model, drop_rng, param_count
+from .sections import TrainConfig
 
 EVAL_BATCH = 512
 CHECK_EVERY = 16  # training steps between looks at the non-finite flag (each look: one sync)

@@ -18,6 +18,9 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 # The value MLflow 3.17's UI uses for model training (against "genai_development"): with it the
 # experiment's header and tabs are those of model training.
 CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
+# The project's tags (DESIGN.md's contract)
+ROLE, STATE, REASON, VARIANT = "fractal.role", "fractal.state", "fractal.reason", "fractal.variant"
+MODEL_URI, CONFIG_SHA, REPRODUCES = "fractal.model_uri", "fractal.config_sha256", "fractal.reproduces"
 BEST_RUN_ID, BEST_VARIANT = "fractal.best_run_id", "fractal.best_variant"
 LOCAL_UI = "http://127.0.0.1:5000"
 TOP_IN_DESCRIPTION = 5

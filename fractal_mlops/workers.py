@@ -36,21 +36,12 @@ def signal_name(exc: BaseException) -> str:
     return signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
 
 
-def _raise_stopped(signum: int, frame) -> None:
-    raise Stopped(signum)
-
-
 def _stop_with_parent() -> None:
     """In the child: SIGTERM when the launcher dies, even by SIGKILL (Linux only)."""
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def install_stop_handlers() -> None:
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise_stopped)
 
 
 class WorkerGroup:
@@ -62,7 +53,6 @@ class WorkerGroup:
         self._hurry = False
 
     def __enter__(self) -> WorkerGroup:
-        install_stop_handlers()
         return self
 
     def __exit__(self, kind, exc, tb) -> None:

@@ -1,0 +1,175 @@
+"""GPU throughput at the paper's settings, and what the whole paper grid would cost.
+
+For three variants of experiments/paper_cifar10.yaml (small: blocks 1 / columns 1, middle:
+blocks 3 / columns 3, largest: blocks 5 / columns 7; width 64, batch 16, 32x32 images, with
+the config's amp, gradient checkpointing and channels_last):
+  - images/s of training steps (after a warm-up), eager; with --compile also under
+    torch.compile (the model only; the step's drop-path decisions stay in Python, so expect
+    graph breaks until training.compile exists);
+  - the GPU's busy share: CUDA kernel time over wall time, from torch.profiler;
+  - the middle variant with 1, 2 and 4 worker processes on the one GPU: summed images/s;
+  - the projected GPU-hours of the whole paper grid: time per image fitted on the three
+    variants against conv units per block (2^columns - 1, times blocks), summed over every
+    grid point at 5 epochs of 50,000 training images plus 10,000 evaluated, for 1 worker and
+    for the best worker count.
+
+    python benchmarks/bench_gpu.py [--steps 200] [--compile] [--workers 1,2,4]
+    python benchmarks/bench_gpu.py --device cpu --steps 3 --largest 2x2   # the code, on a CPU
+
+Without a CUDA device (and without --device cpu) it prints "no CUDA device" and exits 0.
+Record the figures in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "experiments" / "paper_cifar10.yaml"
+VARIANTS = {"small": (1, 1), "middle": (3, 3), "largest": (5, 7)}
+TRAIN_IMAGES, VAL_IMAGES = 50_000, 10_000
+EVAL_COST = 1 / 3  # an evaluated image against a trained one (forward only, batch 512)
+
+
+def units(blocks: int, columns: int) -> int:
+    """Conv units a training step runs, at most: every column of every block."""
+    return blocks * (2**columns - 1)
+
+
+def paper_settings():
+    sys.path.insert(0, str(REPO))
+    from fractal_mlops.config import load_config
+
+    return load_config(str(PAPER))
+
+
+def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: bool,
+            profile: bool) -> dict:
+    """Images/s of `steps` training steps (and the GPU's busy share when `profile`)."""
+    import torch
+
+    from fractal_mlops.data import Dataset
+    from fractal_mlops.train import Trainer
+
+    config = paper_settings()
+    device = torch.device(device_name)
+    images = (steps + 10) * config.training.batch_size
+    x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(images) % 10
+    data = Dataset("bench", x, y, x[:512], y[:512], (0.5,) * 3, (0.25,) * 3,
+                   [str(c) for c in range(10)], "bench", "random")
+    variant = dict(blocks=blocks, columns=columns, width=64, unit="conv-norm-act",
+                   norm="batch", activation="relu", dropout=0.1, drop_path="local+global")
+    run = Trainer(variant, data, config.training, device, flip=True)
+    if compiled:
+        run.model = torch.compile(run.model)
+    batches = list(run.train_loader)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for images_, labels in batches[:min(10, steps)]:  # warm-up: allocator, cuDNN, compilation
+        run.train_step(images_, labels)
+    sync()
+    start = time.perf_counter()
+    for images_, labels in batches[10:10 + steps]:
+        run.train_step(images_, labels)
+    sync()
+    seconds = time.perf_counter() - start
+    result = {"blocks": blocks, "columns": columns, "compiled": compiled,
+              "images_per_second": steps * config.training.batch_size / seconds,
+              "param_count": run.param_count}
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for images_, labels in batches[10:60]:
+                run.train_step(images_, labels)
+            sync()
+            wall = time.perf_counter() - start
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        result["gpu_busy_share"] = kernel_us / 1e6 / wall
+    return result
+
+
+def workers_run(count: int, device: str, steps: int) -> float:
+    """Summed images/s of `count` processes training the middle variant at once."""
+    blocks, columns = VARIANTS["middle"]
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
+            f"from benchmarks.bench_gpu import measure; "
+            f"print(json.dumps(measure({blocks}, {columns}, {device!r}, {steps}, False, False)))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO) for _ in range(count)]
+    outputs = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError(f"a worker process failed ({[p.returncode for p in procs]})")
+    return sum(json.loads(out.strip().splitlines()[-1])["images_per_second"] for out in outputs)
+
+
+def projected_hours(measured: list[dict], speedup: float) -> tuple[float, int]:
+    """(GPU-hours of the whole paper grid, grid points), from a least-squares fit of seconds
+    per image against conv units."""
+    from fractal_mlops.space import grid
+
+    xs = [units(m["blocks"], m["columns"]) for m in measured]
+    ys = [1 / m["images_per_second"] for m in measured]
+    n, mean_x, mean_y = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+             / max(sum((x - mean_x) ** 2 for x in xs), 1e-12)) if n > 1 else 0.0
+    intercept = mean_y - slope * mean_x
+    config = paper_settings()
+    points = grid(config)
+    per_point_images = config.training.epochs * (TRAIN_IMAGES + EVAL_COST * VAL_IMAGES)
+    seconds = sum(max(intercept + slope * units(v.blocks, v.columns), 0.0) * per_point_images
+                  for v in points)
+    return seconds / 3600 / speedup, len(points)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--steps", type=int, default=200, help="timed training steps")
+    parser.add_argument("--compile", action="store_true", help="also under torch.compile")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument("--largest", default="5x7", help="blocks x columns of the largest "
+                        "variant (default 5x7: 687M parameters, for a GPU)")
+    args = parser.parse_args(argv)
+    blocks, columns = (int(n) for n in args.largest.lower().split("x"))
+    VARIANTS["largest"] = (blocks, columns)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (--device cpu runs the same code on a CPU)")
+        return 0
+    name = (torch.cuda.get_device_name() if args.device == "cuda" else "CPU")
+    print(f"{name}, torch {torch.__version__}, paper settings from {PAPER.name}", flush=True)
+    measured = []
+    for label, (blocks, columns) in VARIANTS.items():
+        for compiled in (False, True) if args.compile else (False,):
+            result = measure(blocks, columns, args.device, args.steps, compiled, True)
+            busy = result.get("gpu_busy_share")
+            print(f"{label:<8} b{blocks}-c{columns} {'compiled' if compiled else 'eager':<8} "
+                  f"{result['images_per_second']:>8.0f} images/s"
+                  + (f", GPU busy {100 * busy:.0f} %" if busy is not None else "")
+                  + f", {result['param_count']:,} parameters", flush=True)
+            if not compiled:
+                measured.append(result)
+    best = 1.0
+    for count in [int(n) for n in args.workers.split(",")]:
+        total = workers_run(count, args.device, args.steps)
+        speedup = total / measured[1]["images_per_second"]
+        best = max(best, speedup)
+        print(f"workers  {count} on one {args.device}: {total:.0f} images/s in all, "
+              f"{speedup:.2f}x one worker", flush=True)
+    one, points = projected_hours(measured, 1.0)
+    print(f"paper grid: {points} points, about {one:.1f} device-hours with 1 worker, "
+          f"{one / best:.1f} with the best worker count ({best:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
