@@ -7,6 +7,7 @@ This module imports no torch, so that reading a config (and `--help`) stays fast
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, fields
@@ -152,6 +153,13 @@ class RunConfig:
 _EXPECTED = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
 
 
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    """pydantic's validator of a section, built once per process (building it costs more than
+    validating with it)."""
+    return TypeAdapter(cls)
+
+
 def read_section(cls: type, raw: Any, name: str) -> Any:
     """One section of the YAML (a mapping, or None for all defaults), validated and checked."""
     if raw is None:
@@ -159,7 +167,7 @@ def read_section(cls: type, raw: Any, name: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section {name!r} must be a mapping")
     try:
-        section = TypeAdapter(cls).validate_python(raw)
+        section = _adapter(cls).validate_python(raw)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc.errors()[0], cls, name)) from None
     _CHECKS[cls](section)
