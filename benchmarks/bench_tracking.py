@@ -31,6 +31,7 @@ def main() -> None:
     import torch
 
     from fractal_mlops import study as study_module
+    from fractal_mlops import study_loop
     from fractal_mlops import trial as trial_module
     from fractal_mlops.config import load_config
     from fractal_mlops.console import StudyProgress, make_console
@@ -65,7 +66,7 @@ def main() -> None:
             storage=resolve_storage(f"journal:{workdir / 'optuna.journal'}", None),
             device="cpu", workers=1, n_trials=None)
         configure(settings.tracking_uri)  # as the study's main does
-        study, tracker, parent = study_module.open_stores(settings, [variant])
+        study, tracker, parent = study_loop.open_stores(settings, [variant])
         ctx = trial_module.TrialContext(study, tracker, parent, settings, data,
                                         torch.device("cpu"), [variant], InterruptGuard())
         progress = StudyProgress(make_console(), 1, 0, config.training.epochs, live=False)

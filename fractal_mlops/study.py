@@ -7,7 +7,9 @@ Each worker loops: claim a pending grid point under the study-wide claim lock (m
 of vanished workers FAIL "worker lost" first, so their points become pending again), train it
 through train.py, report val_acc to Optuna each epoch (divergence check + optional pruner),
 log everything to MLflow, tell Optuna. Re-running the command resumes; a finished grid trains
-nothing. `--help` imports neither torch, timm nor mlflow.
+nothing. This module is the command: its flags, settings and exits; the work is in
+study_loop.py, imported once the input is good, so `--help` and bad input import neither torch,
+timm nor mlflow.
 """
 
 from __future__ import annotations
@@ -15,46 +17,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
 
-from .claims import (
-    close_orphaned_runs,
-    grid_sampler,
-    points_done,
-)
 from .cli import OneLineParser
 from .config import ExperimentConfig, check_study_name, load_config
-from .errors import ConfigError, ServerFault, is_outage
-from .outcome import (
-    TrialState,
-    one_line,
-)
-from .preflight import check_feasible, check_workers
-from .repair import restart_study, trained_nothing
+from .errors import EXIT_BAD_INPUT, ConfigError, ServerFault, is_outage
+from .outcome import one_line
 from .sections import check_run
 from .signals import InterruptGuard
-from .space import Variant, grid
-from .storage import (
-    StorageSpec,
-    check_storage,
-    claim_lock,
-    heartbeat_settings,
-    open_storage,
-    resolve_storage,
-)
+from .storage import StorageSpec, check_storage, heartbeat_settings, resolve_storage
 from .stores import check_tracking_uri, resolve_tracking_uri
-from .trial import StopWorker, TrialContext, claim_and_run
+from .trial import StopWorker
 from .urls import redact
-from .workers import WorkerGroup, exit_code, signal_name
-
-if TYPE_CHECKING:
-    import optuna
-
-    from .tracking import Tracker
-
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+from .workers import exit_code, signal_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = replace(resolve_settings(args), report=not args.no_report)
+        from .study_loop import launch_workers, run_worker  # torch, optuna, mlflow: input is good
         from .tracking import configure
 
         configure(settings.tracking_uri)
@@ -142,212 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                        "(interrupted), or in halving mode wait to resume their rung; no worker "
                        "is left running; run the same command again to resume")
         return exit_code(exc)
-
-
-# -- one worker ----------------------------------------------------------------------------
-
-def run_worker(settings: StudySettings, console, interrupts: InterruptGuard) -> int:
-    import torch
-
-    from .console import StudyProgress, worker_prefix
-    from .data import load_dataset
-    from .device import resolve_device
-
-    config = settings.config
-    device = resolve_device(settings.device)
-    # on a GPU too: N workers that each start a thread pool over every core slow each other
-    torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
-    data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
-    variants = grid(config)
-    check_feasible(config, device, data, variants)
-
-    started_at = time.monotonic()
-    with interrupts.deferred():  # a Ctrl-C here would leave the study's run RUNNING
-        study, tracker, parent_run_id = open_stores(settings, variants)
-        close_orphaned_runs(study, tracker)
-    interrupts.raise_pending()
-
-    prefix = worker_prefix()
-    live = None if not prefix else False
-    done = points_done(study)
-    console.print(f"{prefix}study [bold]{settings.study_name}[/]: {len(variants)} variants on "
-                  f"{data.name} ({len(data.train_x)} train / {len(data.val_x)} val images), "
-                  f"{done} done, device {device.type}")
-    context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants,
-                           interrupts)
-    started = 0
-    halving = config.search.mode == "halving"
-    if halving:
-        from .halving import describe_plan
-        from .rung import claim_and_run_rung
-        console.print(f"{prefix}{describe_plan(config, len(variants))}")
-    with StudyProgress(console, len(variants), done, config.training.epochs, live=live,
-                       prefix=prefix) as progress:
-        while settings.n_trials is None or started < settings.n_trials:
-            if not (claim_and_run_rung if halving else claim_and_run)(context, progress):
-                break
-            started += 1
-    rows = _summary(study, tracker, parent_run_id, len(variants))
-    if not prefix:  # a worker among several leaves the report and leaderboard to its launcher
-        refresh_report(settings)
-        show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at,
-                         tracker.experiment_id)
-    return 0
-
-
-def open_stores(settings: StudySettings, variants: list[Variant]):
-    """The Optuna study, the MLflow experiment and the study's parent run, created once."""
-    import optuna
-
-    from .tracking import Tracker
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = settings.config
-    with claim_lock(settings.storage, settings.study_name):
-        # The study first: a config that does not match it is refused before the tracking
-        # store (a new --tracking-uri's database, say) is created.
-        study = _load_or_create_study(settings, variants)
-        tracker = Tracker(settings.tracking_uri, settings.study_name)
-        parent_run_id = tracker.study_run(
-            settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
-            _study_params(settings, variants), config.to_yaml(), config.sha256)
-        if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
-            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
-    return study, tracker, parent_run_id
-
-
-def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> optuna.Study:
-    import optuna
-
-    config = settings.config
-    study = optuna.create_study(
-        storage=open_storage(settings.storage), study_name=settings.study_name,
-        direction="maximize", load_if_exists=True,
-        sampler=grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
-        pruner=_optuna_pruner(config.pruning.pruner),
-    )
-    recorded = study.user_attrs.get("config_sha256")
-    if recorded not in (None, config.sha256) and trained_nothing(study):
-        study = restart_study(study, lambda: _load_or_create_study(settings, variants))
-        recorded = study.user_attrs.get("config_sha256")
-    if recorded is None:
-        study.set_user_attr("config_sha256", config.sha256)
-        study.set_user_attr("grid_size", len(variants))
-    elif recorded != config.sha256:
-        raise ConfigError(f"study {settings.study_name!r} already exists with a different "
-                          "config and trained under it; pass another --study-name to start a "
-                          "new study")
-    return study
-
-
-def _optuna_pruner(name: str):
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
-
-
-def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
-    config = settings.config
-    params: dict[str, Any] = {"grid_size": len(variants), "dataset": config.data.name,
-                              "storage": settings.storage.display,
-                              "config_source": config.source}
-    params.update({f"space.{k}": ",".join(map(str, v)) for k, v in config.space.items()})
-    params.update({f"training.{k}": v for k, v in config.to_dict()["training"].items()})
-    params.update({f"pruning.{k}": v for k, v in config.to_dict()["pruning"].items()})
-    params.update({f"search.{k}": v for k, v in config.to_dict().get("search", {}).items()})
-    return params
-
-
-# -- the end: leaderboard -------------------------------------------------------------------
-
-def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | None,
-             grid_size: int):
-    from .console import TrialRow
-
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished():
-            continue
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else None
-        rows.append(TrialRow(t.number, t.user_attrs.get("variant", "?"), t.state.name, t.value
-                             if t.state.name == "COMPLETE" else None,
-                             t.user_attrs.get("param_count"), seconds, t.user_attrs.get("reason")))
-    if tracker is not None and parent_run_id:
-        counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
-                  for s in TrialState}
-        tracker.update_study_summary(parent_run_id, study.study_name, counts, grid_size,
-                                     points_done(study))
-    return rows
-
-
-def refresh_report(settings: StudySettings) -> None:
-    """Before the closing lines, which end with the MLflow UI command and URL."""
-    if settings.report:
-        from .report import study_finished
-
-        study_finished(settings.tracking_uri, settings.study_name)
-
-
-def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
-                     wall_seconds: float, experiment_id: str) -> None:
-    from .console import leaderboard
-    from .ui import ui_lines
-
-    leaderboard(console, settings.study_name, rows, grid_size, wall_seconds,
-                "\n  ".join(ui_lines(settings.tracking_uri, experiment_id)))
-
-
-# -- several workers on this host -------------------------------------------------------------
-
-def launch_workers(settings: StudySettings, console) -> int:
-    """Start N worker processes against the same stores; credentials travel in the
-    environment, never on a command line."""
-    from .data import load_dataset
-    from .device import resolve_device
-
-    started_at = time.monotonic()
-    device = resolve_device(settings.device)  # bad input fails here, before any store is touched
-    data = load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
-    check_workers(settings.workers, data.train_x.nbytes + data.val_x.nbytes)
-    check_feasible(settings.config, device, data, grid(settings.config))
-    study, tracker, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
-    workers = settings.workers
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "FRACTAL_STORAGE": _storage_url(settings.storage),
-           "MLFLOW_TRACKING_URI": settings.tracking_uri, "FRACTAL_THREADS": str(threads)}
-    base = [sys.executable, "-m", "fractal_mlops.study", "--workers", "1",
-            "--study-name", settings.study_name, "--device", settings.device]
-    if settings.config.source:
-        base += ["--config", settings.config.source]
-    console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
-                  f"[bold]{settings.study_name}[/]")
-    with WorkerGroup() as group:  # a stop signal reaches every worker, once
-        for index in range(workers):
-            argv = list(base)
-            if settings.n_trials is not None:
-                share = settings.n_trials // workers + (index < settings.n_trials % workers)
-                if share == 0:
-                    continue
-                argv += ["--n-trials", str(share)]
-            group.start(argv, {**env, "FRACTAL_WORKER_INDEX": str(index + 1)})
-        codes = group.wait()
-    if any(code == EXIT_BAD_INPUT for code in codes):
-        return EXIT_BAD_INPUT
-    rows = _summary(study, None, None, 0)
-    refresh_report(settings)
-    show_leaderboard(console, settings, rows, study.user_attrs.get("grid_size", len(rows)),
-                     time.monotonic() - started_at, tracker.experiment_id)
-    failed = [c for c in codes if c != 0]
-    return failed[0] if failed else 0
-
-
-def _storage_url(spec: StorageSpec) -> str:
-    return f"journal:{spec.location}" if spec.kind == "journal" else spec.location
 
 
 if __name__ == "__main__":

@@ -54,6 +54,17 @@ def run_module(module: str, *args: str, cwd: Path | None = None, env: dict[str, 
                           text=True, timeout=timeout)
 
 
+
+def assert_refused(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Bad input as the user sees it: exit code 2 and one line on stderr, no traceback, holding
+    each of `words` (any case). Returns the line."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
 # -- experiment configs -----------------------------------------------------------------------
 
 # A small digits study: two variants, two epochs.

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import StudyDir, write_config
+from helpers import StudyDir, assert_refused, write_config
 
 from fractal_mlops.repair import repair_journal, scan_journal
 
@@ -21,15 +21,6 @@ def one_trial(study: StudyDir, config: Path):
 
 def journal_of(study: StudyDir) -> Path:
     return Path(study.storage.split(":", 1)[1])
-
-
-def assert_refused(proc, *words: str) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ def worker(study_dir: StudyDir):
     from fractal_mlops.data import load_dataset
     from fractal_mlops.signals import InterruptGuard
     from fractal_mlops.space import grid
-    from fractal_mlops.study import build_parser, open_stores, resolve_settings
+    from fractal_mlops.study import build_parser, resolve_settings
+    from fractal_mlops.study_loop import open_stores
     from fractal_mlops.tracking import configure
     from fractal_mlops.trial import TrialContext
 

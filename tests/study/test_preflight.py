@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import StudyDir, image_folder, write_config
+from helpers import StudyDir, assert_refused, image_folder, write_config
 
 from fractal_mlops.config import load_config
 from fractal_mlops.errors import ConfigError
@@ -20,15 +20,6 @@ def written(root: Path) -> list[str]:
     """Store files a command left in `root` (anything but the configs and the data)."""
     return sorted(p.name for p in root.iterdir()
                   if p.suffix not in (".yaml",) and p.name not in ("images", "cache"))
-
-
-def assert_refused(proc, *words: str) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 # -- YAML's own forms ---------------------------------------------------------------------------

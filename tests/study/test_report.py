@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import StudyDir, write_config
+from helpers import StudyDir, assert_refused, write_config
 
 from fractal_mlops.config import DIMENSIONS
 
@@ -151,14 +151,6 @@ def test_report_html_embeds_every_figure_and_names_the_best_variant_and_champion
     assert (f"<code>FractalNet@champion</code> = version 1: <b>{best.data.params['variant']}</b>"
             in html)
     assert "3 COMPLETE" in html and "1 PRUNED" in html and "diverged" in html
-
-
-def assert_refused(done: subprocess.CompletedProcess, *words: str) -> None:
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    for word in words:
-        assert word in done.stderr
 
 
 @pytest.mark.slow
