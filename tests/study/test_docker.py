@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -424,15 +425,29 @@ def test_worker_image_runs_the_study_module_as_a_non_root_user():
     assert users and users[-1].split(":")[0] not in ("root", "0")
 
 
-def test_worker_image_is_cuda_capable_and_installs_the_repository():
+def test_worker_image_installs_the_tested_torch_and_the_repository():
+    """The worker's torch and torchvision are the ones this suite runs on (which meet the
+    package's minimum), from PyPI, whose Linux wheels are CUDA builds; then the package."""
+    import torch
+    import torchvision
+    from packaging.requirements import Requirement
+
     text = DOCKERFILE.read_text()
     worker = dockerfile_stages()[-1]
-    base = worker[0].split()[1]
-    if base.startswith("${"):
-        name = base.strip("${}")
-        base = re.search(rf"^ARG {name}=(\S+)", text, re.M).group(1)
-    assert "cuda" in base
-    assert any(re.match(r"RUN .*pip install \.(\s|$)", i) for i in worker)
+    pinned = {name: re.search(rf"^ARG {name}=(\S+)", text, re.M).group(1)
+              for name in ("TORCH_VERSION", "TORCHVISION_VERSION")}
+    assert pinned["TORCH_VERSION"] == torch.__version__.split("+")[0]
+    assert pinned["TORCHVISION_VERSION"] == torchvision.__version__.split("+")[0]
+    requirements = {Requirement(r).name: Requirement(r) for r in metadata.requires("fractal-mlops")}
+    assert pinned["TORCH_VERSION"] in requirements["torch"].specifier
+    assert pinned["TORCHVISION_VERSION"] in requirements["torchvision"].specifier
+    installs = [i for i in worker if re.match(r"RUN .*pip install", i)]
+    torch_install = next(i for i in installs if "torch==${TORCH_VERSION}" in i)
+    assert "torchvision==${TORCHVISION_VERSION}" in torch_install
+    assert "--index-url" not in torch_install and "whl/cpu" not in torch_install  # CUDA wheels
+    assert installs.index(torch_install) < next(  # before the package, which then keeps them
+        n for n, i in enumerate(installs) if re.match(r"RUN .*pip install \.(\s|$)", i))
+    assert any("apt-get install" in i and "g++" in i for i in worker)  # torch.compile needs it
     for instruction in worker:
         if instruction.upper().startswith("COPY ") and "--from" not in instruction:
             sources = instruction.split()[1:-1]
