@@ -96,6 +96,8 @@ class ExperimentConfig:
             out.pop("evaluation")
         if self.search.mode == "grid":  # grid studies keep the hash they had before `search`
             out.pop("search")
+        if self.training.compile == "none":
+            out["training"].pop("compile")
         return out
 
     def to_yaml(self) -> str:

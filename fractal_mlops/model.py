@@ -8,6 +8,8 @@ capped at 8x the first; a linear head on the globally pooled features.
 Drop-path (training only): "local" drops each join input with probability p (at least one kept);
 "local+global" also picks, for half of the mini-batches, one column that the whole network uses.
 Any single column can run alone at evaluation time (the anytime property): `model(x, column=k)`.
+With `static_drop_path` (a compiled step), training masks what it drops instead of skipping it
+(static_drop_path.py).
 
 Weight sharing (`weight_sharing="recursive"`): the rule applies f_C twice, f_C(f_C(z)); Larsson
 builds two independent copies, so a block holds 2^C - 1 units. With sharing, the applications
@@ -38,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from .config import parse_unit
+from .static_drop_path import MaskPlan
 
 TIMM_NORMS = {"batch": "batchnorm2d", "group": "groupnorm", "layer": "layernorm2d"}
 WEIGHT_SHARING = ("none", "recursive")
@@ -186,6 +189,16 @@ class FractalPath(nn.Module):
         middle = join(run(self.first, z, None, drop_prob), drop_prob)
         return [self.shallow(z), *run(self.second, middle, None, drop_prob)]
 
+    def forward_masked(self, z: Tensor, plan: MaskPlan, column: Tensor) -> list[Tensor]:
+        """Every column's output, whatever the draws; `column`: the global column relative to
+        this path (see MaskPlan)."""
+        if self.columns == 1:
+            return [self.shallow(z)]
+        inner = column - 1  # f_C's columns 2..C are its halves' columns 1..C-1
+        firsts = self.first.forward_masked(z, plan, inner)
+        middle = plan.join(firsts, inner)
+        return [self.shallow(z), *self.second.forward_masked(middle, plan, inner)]
+
 
 class FractalBlock(nn.Module):
     def __init__(self, columns: int, in_ch: int, out_ch: int, unit: UnitFactory,
@@ -210,6 +223,10 @@ class FractalBlock(nn.Module):
                 checkpointing: bool = False) -> Tensor:
         return self.pool(join(self.path(x, column, drop_prob, checkpointing), drop_prob))
 
+    def forward_masked(self, x: Tensor, plan: MaskPlan) -> Tensor:
+        outputs = self.path.forward_masked(x, plan, plan.column)
+        return self.pool(plan.join(outputs, plan.column))
+
 
 class FractalNet(nn.Module):
     def __init__(
@@ -228,6 +245,7 @@ class FractalNet(nn.Module):
         grad_checkpointing: bool = False,
         weight_sharing: str = "none",
         shared_norms: bool = False,
+        static_drop_path: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__()
@@ -236,10 +254,13 @@ class FractalNet(nn.Module):
             raise ValueError(f"drop_path {drop_path!r} must be none, local or local+global")
         if weight_sharing not in WEIGHT_SHARING:
             raise ValueError(f"weight_sharing {weight_sharing!r} must be none or recursive")
+        if static_drop_path and grad_checkpointing:
+            raise ValueError("static_drop_path does not go with grad_checkpointing")
         self.columns = columns
         self.drop_path = drop_path if columns > 1 else "none"
         self.local_drop_prob = local_drop_prob
         self.grad_checkpointing = grad_checkpointing
+        self.static_drop_path = static_drop_path
         self.variant_name = name
         self.num_classes = num_classes
 
@@ -270,6 +291,11 @@ class FractalNet(nn.Module):
         return None, self.local_drop_prob
 
     def forward_features(self, x: Tensor, column: int | None = None) -> Tensor:
+        if self.static_drop_path and self.training and self.drop_path != "none" and column is None:
+            plan = MaskPlan(self.columns, self.drop_path, self.local_drop_prob, x.device)
+            for block in self.blocks:
+                x = block.forward_masked(x, plan)
+            return x
         drop_column, drop_prob = self._drop_plan() if column is None else (column, 0.0)
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:

@@ -103,7 +103,7 @@ def _check_fits_input(data: Dataset, variants: list[Variant]) -> None:
 def _smoke_step(config: ExperimentConfig, device: torch.device, data: Dataset,
                 variants: list[Variant]) -> None:
     """One training step and one evaluation of the smallest variant on four images, with the
-    configured amp / channels_last / grad_checkpointing / optimizer on this device."""
+    configured amp / channels_last / grad_checkpointing / compile / optimizer on this device."""
     from .train import Trainer
 
     smallest = min(variants, key=lambda v: (v.blocks, v.columns, v.width))
@@ -118,8 +118,9 @@ def _smoke_step(config: ExperimentConfig, device: torch.device, data: Dataset,
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here would fail every trial
         text = " ".join(str(exc).split())[:300]
+        t = config.training
         raise ConfigError(
-            f"training settings (amp {config.training.amp}, channels_last "
-            f"{config.training.channels_last}, grad_checkpointing "
-            f"{config.training.grad_checkpointing}) fail on {device.type} in a first training "
-            f"step of {smallest.name}: {type(exc).__name__}: {text}") from None
+            f"training settings (amp {t.amp}, channels_last {t.channels_last}, "
+            f"grad_checkpointing {t.grad_checkpointing}, compile {t.compile}) fail on "
+            f"{device.type} in a first training step of {smallest.name}: "
+            f"{type(exc).__name__}: {text}") from None

@@ -46,7 +46,7 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
     from .device import runtime_params
 
     params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
-    params.update(config.to_dict()["training"])
+    params.update(config.to_dict()["training"], compile=config.training.compile)
     params["halting_threshold"] = config.evaluation.halting_threshold
     params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
                   data_mean=_rounded(data.mean), data_std=_rounded(data.std))

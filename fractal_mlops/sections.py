@@ -36,6 +36,7 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile modes (see train.py)
 OPTIMIZERS = ("sgd", "adamw")
 PRUNERS = ("none", "median", "successive_halving")
 SEARCH_MODES = ("grid", "halving")
@@ -113,6 +114,7 @@ class TrainConfig:
     amp: Annotated[Str, _off_word("off")] = "off"
     grad_checkpointing: Bool = False
     channels_last: Bool = False
+    compile: Annotated[Str, _off_word("none")] = "none"
 
 
 @with_config(_SECTION)
@@ -215,6 +217,10 @@ def _check_training(t: TrainConfig) -> None:
         raise ConfigError(f"training.seed must not be negative, got {t.seed}")
     one_of(t.optimizer, OPTIMIZERS, "training.optimizer")
     one_of(t.amp, AMP_MODES, "training.amp")
+    one_of(t.compile, COMPILE_MODES, "training.compile")
+    if t.compile != "none" and t.grad_checkpointing:
+        raise ConfigError("training.compile needs grad_checkpointing: false (a compiled step "
+                          "cannot replay checkpointing's drop-path decisions and norm freeze)")
 
 
 def _check_pruning(p: PruningConfig) -> None:

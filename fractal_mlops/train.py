@@ -7,6 +7,10 @@
     trainer.anytime(0.9)                 # ... plus confidence-halted inference (anytime.py)
 
 Same seed, same machine, same thread count: identical epoch results on the CPU.
+
+`training.compile` (default none) compiles the model for the training step with torch.compile
+(`reduce-overhead`: plus CUDA graphs), over the static-shape drop-path (static_drop_path.py);
+evaluation runs the same weights eagerly.
 """
 
 from __future__ import annotations
@@ -87,7 +91,9 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 class Trainer:
     def __init__(self, variant: dict, data: Dataset, settings: TrainConfig,
-                 device: torch.device | str = "cpu", flip: bool = False) -> None:
+                 device: torch.device | str = "cpu", flip: bool = False,
+                 static_drop_path: bool | None = None) -> None:
+        """`static_drop_path`: the masked drop-path form; default: when compiling."""
         self.device = torch.device(device)
         self.settings = settings
         self.amp_dtype = resolve_amp(settings.amp, self.device)
@@ -96,7 +102,10 @@ class Trainer:
         self.model: FractalNet = build_model(
             {k: v for k, v in variant.items() if k != "name"}, data.num_classes, data.in_chans,
             grad_checkpointing=settings.grad_checkpointing, name=variant.get("name"),
+            static_drop_path=(settings.compile != "none" if static_drop_path is None
+                              else static_drop_path),
         ).to(self.device, memory_format=memory_format)
+        self.step_model = self._compiled(self.model)
         self.param_count = param_count(self.model)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -120,6 +129,17 @@ class Trainer:
                                      fused=fused)
         return torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
                                weight_decay=s.weight_decay, fused=fused)
+
+    def _compiled(self, model: nn.Module) -> nn.Module:
+        """The module the training step calls: the model, or its compiled form (same
+        parameters). One graph per batch shape (dynamic=False): the full batches and the last,
+        smaller one, each captured once."""
+        if self.settings.compile == "none":
+            return model
+        # A worker trains trial after trial in one process: without a reset, the compiled
+        # graphs of earlier models pile up until dynamo's recompile limit and it runs eagerly.
+        torch.compiler.reset()
+        return torch.compile(model, mode=self.settings.compile, dynamic=False)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -166,8 +186,10 @@ class Trainer:
         """One optimizer step: (loss, logits) detached, and with fp16 whether GradScaler
         skipped the step for overflow (a device bool). Reads nothing back from the device (no
         .item(), .tolist(), .cpu()), so the host queues steps ahead of a GPU."""
+        if self.settings.compile == "reduce-overhead":  # a new step: CUDA graphs may reuse
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's output memory
         with self._autocast():
-            logits = self.model(images)
+            logits = self.step_model(images)
             loss = self.loss_fn(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:

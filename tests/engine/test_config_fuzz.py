@@ -25,7 +25,7 @@ BASE = {
               "drop_path": ["local+global"]},
     "training": {"epochs": 2, "batch_size": 32, "lr": 0.1, "momentum": 0.9,
                  "weight_decay": 0.0, "optimizer": "sgd", "seed": 0, "amp": "off",
-                 "grad_checkpointing": False, "channels_last": False},
+                 "grad_checkpointing": False, "channels_last": False, "compile": "none"},
     "pruning": {"warmup_epochs": 1, "chance_margin": 0.05, "pruner": "none"},
     "run": {"device": "cpu", "workers": 1, "n_trials": 2},
 }
@@ -50,6 +50,7 @@ FIELDS = {
     ("training", "momentum"): "float", ("training", "weight_decay"): "float",
     ("training", "optimizer"): "enum", ("training", "seed"): "int", ("training", "amp"): "enum",
     ("training", "grad_checkpointing"): "bool", ("training", "channels_last"): "bool",
+    ("training", "compile"): "enum",
     ("pruning", "warmup_epochs"): "int", ("pruning", "chance_margin"): "float",
     ("pruning", "pruner"): "enum", ("run", "device"): "enum", ("run", "workers"): "int",
     ("run", "n_trials"): "int", ("run", "storage"): "path", ("run", "tracking_uri"): "path",
