@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 from .workers import STOP_SIGNALS, Stopped  # SIGINT, SIGTERM, SIGHUP
@@ -59,3 +60,28 @@ class InterruptGuard:
         if self._pending and not self._depth:
             self._pending = False
             raise Stopped(self._signum)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """A stop signal that comes during the block takes effect when it ends, through whatever
+    handler was there (a KeyboardInterrupt, a guard's deferral, the default exit).
+
+    Around SQLite writes: a KeyboardInterrupt inside one leaves its connection holding the
+    database's write lock, and the process's next write (closing the run KILLED) then finds the
+    database locked. Python runs signal handlers in the main thread only, so elsewhere this is
+    a no-op (and no signal can land there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])

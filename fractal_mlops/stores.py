@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, ServerFault
 from .outage import bound_http_retries
 from .repair import check_sqlite_file
+from .signals import stop_signals_held
 from .urls import http_auth_header, move_http_credentials, redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -123,12 +124,13 @@ def file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def sqlite_lock(url: str) -> Iterator[None]:
-    """One process at a time on a SQLite store (a no-op for any other store)."""
+    """One process at a time on a SQLite store, and no stop signal in the middle of its write
+    (signals.stop_signals_held); a no-op for any other store."""
     path = sqlite_path(url)
     if path is None:
         yield
         return
-    with file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")), stop_signals_held():
         yield
 
 

@@ -110,3 +110,49 @@ def test_a_stop_signal_to_one_worker_names_the_signal(tmp_path):
     assert proc.returncode == 129, err
     assert "SIGHUP" in err and "Traceback" not in err
     assert [t.user_attrs.get("reason") for t in study.optuna_trials("one")] == ["interrupted"]
+
+
+# -- a stop signal never cuts a SQLite write in half ------------------------------------------
+
+def test_a_ctrl_c_during_a_sqlite_write_lands_once_the_write_is_done(tmp_path):
+    """A KeyboardInterrupt inside a SQLite write would leave its connection holding the write
+    lock, and the process's next write (closing the run KILLED) would find the database
+    locked. Inside sqlite_lock the signal waits for the write, then interrupts as before."""
+    from fractal_mlops.stores import sqlite_lock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with sqlite_lock(uri):
+            db = sqlite3.connect(tmp_path / "mlflow.db")
+            db.execute("CREATE TABLE t (x)")
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of the write
+            db.execute("INSERT INTO t VALUES (1)")
+            db.commit()
+            written.append(True)
+    db.close()
+    assert written == [True]
+    assert sqlite3.connect(tmp_path / "mlflow.db").execute("SELECT x FROM t").fetchall() == [(1,)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_a_stop_signal_during_a_sqlite_write_still_reaches_the_studys_guard(tmp_path):
+    from fractal_mlops.signals import InterruptGuard
+    from fractal_mlops.stores import sqlite_lock
+    from fractal_mlops.workers import STOP_SIGNALS, Stopped
+
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        guard = InterruptGuard().install()
+        with guard.deferred():  # a run being closed: the guard holds signals itself
+            with sqlite_lock(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+                signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(Stopped) as stopped:
+            guard.raise_pending()
+        assert stopped.value.signum == signal.SIGTERM
+        with pytest.raises(Stopped):  # and outside any hold it interrupts after the write
+            with sqlite_lock(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
