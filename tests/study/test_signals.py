@@ -122,18 +122,23 @@ def test_a_ctrl_c_during_a_sqlite_write_lands_once_the_write_is_done(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     written = []
-    with pytest.raises(KeyboardInterrupt):
-        with sqlite_lock(uri):
-            db = sqlite3.connect(tmp_path / "mlflow.db")
-            db.execute("CREATE TABLE t (x)")
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of the write
-            db.execute("INSERT INTO t VALUES (1)")
-            db.commit()
-            written.append(True)
+    # Python's own Ctrl-C handler, as in a terminal (a background shell may ignore SIGINT)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sqlite_lock(uri):
+                db = sqlite3.connect(tmp_path / "mlflow.db")
+                db.execute("CREATE TABLE t (x)")
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of the write
+                db.execute("INSERT INTO t VALUES (1)")
+                db.commit()
+                written.append(True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, saved)
     db.close()
     assert written == [True]
     assert sqlite3.connect(tmp_path / "mlflow.db").execute("SELECT x FROM t").fetchall() == [(1,)]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_a_stop_signal_during_a_sqlite_write_still_reaches_the_studys_guard(tmp_path):
