@@ -347,6 +347,15 @@ def mlflow_error_line(exc: BaseException) -> str | None:
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
+    """What a logged model needs to load: torch, timm, and this package (whose classes its
+    pickle names), at the versions that trained it. From a source checkout that pip has not
+    installed (PYTHONPATH), this package's version is its own `__version__`."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "timm", "fractal-mlops")]
+    from fractal_mlops import __version__
+
+    try:
+        ours = version("fractal-mlops")
+    except PackageNotFoundError:
+        ours = __version__
+    return [f"torch=={version('torch')}", f"timm=={version('timm')}", f"fractal-mlops=={ours}"]

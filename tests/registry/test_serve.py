@@ -108,3 +108,39 @@ def test_champion_serves_the_same_class_scores_as_the_in_process_model(store, tm
         stop_group(server)
     assert served.shape == pyfunc_scores.shape
     np.testing.assert_allclose(served, pyfunc_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["pip-installed", "source-checkout"])
+def test_a_logged_model_names_the_packages_that_load_it(tmp_path, monkeypatch, installed):
+    """requirements.txt holds torch, timm and fractal-mlops at the versions that trained it,
+    also from a checkout that pip has not installed (PYTHONPATH, as on a GPU machine that
+    runs benchmarks/ from a copy of the tree): there the package's own __version__."""
+    import importlib.metadata
+
+    import mlflow
+    import torch
+    from helpers import Store
+
+    import fractal_mlops
+    from fractal_mlops.tracking import Tracker, configure
+
+    if not installed:
+        real = importlib.metadata.version
+
+        def version(name: str) -> str:
+            if name == "fractal-mlops":
+                raise importlib.metadata.PackageNotFoundError(name)
+            return real(name)
+
+        monkeypatch.setattr(importlib.metadata, "version", version)
+    store = Store(tmp_path)
+    configure(store.uri)  # as each command's main does
+    tracker = Tracker(store.uri, "requirements")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model_uri = tracker.log_model(run_id, model, (1, 8, 8), 10)
+    folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    lines = Path(folder, "requirements.txt").read_text().split()
+    assert f"torch=={importlib.metadata.distribution('torch').version}" in lines
+    assert f"timm=={importlib.metadata.distribution('timm').version}" in lines
+    assert f"fractal-mlops=={fractal_mlops.__version__}" in lines
