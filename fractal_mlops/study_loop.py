@@ -182,8 +182,9 @@ def launch_workers(settings: StudySettings, console) -> int:
     device = resolve_device(settings.device)  # bad input fails here, before any store is touched
     data = load_dataset(settings.config.data)  # also decodes an image folder once, for all workers
     check_workers(settings.workers, data.train_x.nbytes + data.val_x.nbytes)
-    check_feasible(settings.config, device, data, grid(settings.config))
-    study, tracker, _ = open_stores(settings, grid(settings.config))  # once, before the workers race
+    variants = grid(settings.config)
+    check_feasible(settings.config, device, data, variants)
+    study, tracker, _ = open_stores(settings, variants)  # once, before the workers race
     workers = settings.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "FRACTAL_STORAGE": _storage_url(settings.storage),
