@@ -5,13 +5,18 @@ blocks 3 / columns 3, largest: blocks 5 / columns 7; width 64, batch 16, 32x32 i
 the config's amp, gradient checkpointing and channels_last):
   - images/s of training steps (after a warm-up), eager; with --compile also with
     `training.compile: reduce-overhead` (torch.compile and CUDA graphs over the static
-    drop-path form; without gradient checkpointing, which a compiled step does not take);
+    drop-path form; without gradient checkpointing, which a compiled step does not take), and
+    the seconds its first step takes (compilation: a worker pays them again for every trial);
   - the GPU's busy share: CUDA kernel time over wall time, from torch.profiler;
   - the middle variant with 1, 2 and 4 worker processes on the one GPU: summed images/s;
-  - the projected GPU-hours of the whole paper grid: time per image fitted on the three
+  - the projected GPU-hours of the whole paper grid: time per image fitted on the measured
     variants against conv units per block (2^columns - 1, times blocks), summed over every
     grid point at 5 epochs of 50,000 training images plus 10,000 evaluated, for 1 worker and
-    for the best worker count.
+    for the best worker count; compiled, plus the compilation of every point, fitted likewise.
+
+The lines come in the order of what matters most, so a run cut short (a time limit) still
+says the most: the eager figures and their projection, the worker counts, then the compiled
+variants smallest first, each followed by the compiled projection so far.
 
     python benchmarks/bench_gpu.py [--steps 200] [--compile] [--workers 1,2,4]
     python benchmarks/bench_gpu.py --device cpu --steps 3 --largest 2x2   # the code, on a CPU
@@ -43,7 +48,6 @@ def units(blocks: int, columns: int) -> int:
 
 
 def paper_settings():
-    sys.path.insert(0, str(REPO))
     from fractal_mlops.config import load_config
 
     return load_config(str(PAPER))
@@ -72,7 +76,12 @@ def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: b
     run = Trainer(variant, data, settings, device, flip=True)
     batches = list(run.train_loader)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for images_, labels in batches[:min(10, steps)]:  # warm-up: allocator, cuDNN, compilation
+    sync()
+    start = time.perf_counter()
+    run.train_step(*batches[0])  # compiled: dynamo, inductor and (reduce-overhead) CUDA graphs
+    sync()
+    first_step = time.perf_counter() - start
+    for images_, labels in batches[1:min(10, steps)]:  # warm-up: allocator, cuDNN, graph replay
         run.train_step(images_, labels)
     sync()
     start = time.perf_counter()
@@ -82,14 +91,14 @@ def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: b
     seconds = time.perf_counter() - start
     result = {"blocks": blocks, "columns": columns, "compiled": compiled,
               "images_per_second": steps * config.training.batch_size / seconds,
-              "param_count": run.param_count}
+              "first_step_seconds": first_step, "param_count": run.param_count}
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
         with profiler(activities=[ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
-            for images_, labels in batches[10:60]:
+            for images_, labels in batches[10:30]:  # 20 steps: a large variant has 10k+ kernels each
                 run.train_step(images_, labels)
             sync()
             wall = time.perf_counter() - start
@@ -112,23 +121,46 @@ def workers_run(count: int, device: str, steps: int) -> float:
     return sum(json.loads(out.strip().splitlines()[-1])["images_per_second"] for out in outputs)
 
 
-def projected_hours(measured: list[dict], speedup: float) -> tuple[float, int]:
-    """(GPU-hours of the whole paper grid, grid points), from a least-squares fit of seconds
-    per image against conv units."""
-    from fractal_mlops.space import grid
-
-    xs = [units(m["blocks"], m["columns"]) for m in measured]
-    ys = [1 / m["images_per_second"] for m in measured]
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line; a flat line through one point."""
     n, mean_x, mean_y = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
     slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
              / max(sum((x - mean_x) ** 2 for x in xs), 1e-12)) if n > 1 else 0.0
-    intercept = mean_y - slope * mean_x
+    return mean_y - slope * mean_x, slope
+
+
+def projected_hours(measured: list[dict], speedup: float) -> tuple[float, float, int]:
+    """(GPU-hours of training the whole paper grid, hours of compiling it, grid points): time
+    per image, and for compiled runs the first step's time, fitted against conv units."""
+    from fractal_mlops.space import grid
+
+    xs = [units(m["blocks"], m["columns"]) for m in measured]
+    per_image = fit(xs, [1 / m["images_per_second"] for m in measured])
+    compiled = measured[0]["compiled"]
+    per_trial = fit(xs, [m["first_step_seconds"] for m in measured]) if compiled else (0.0, 0.0)
     config = paper_settings()
     points = grid(config)
     per_point_images = config.training.epochs * (TRAIN_IMAGES + EVAL_COST * VAL_IMAGES)
-    seconds = sum(max(intercept + slope * units(v.blocks, v.columns), 0.0) * per_point_images
-                  for v in points)
-    return seconds / 3600 / speedup, len(points)
+
+    def summed(line: tuple[float, float], scale: float) -> float:
+        return sum(max(line[0] + line[1] * units(v.blocks, v.columns), 0.0) * scale
+                   for v in points)
+
+    return (summed(per_image, per_point_images) / 3600 / speedup,
+            summed(per_trial, 1.0) / 3600 / speedup, len(points))
+
+
+def print_projection(measured: list[dict], best: float) -> None:
+    """The grid's projected hours from `measured`, and with the best worker count (`best`: its
+    throughput over one worker's) once measured."""
+    hours, compiling, points = projected_hours(measured, 1.0)
+    compiled = measured[0]["compiled"]
+    fitted = "/".join(f"b{m['blocks']}-c{m['columns']}" for m in measured)
+    print(f"paper grid{' compiled' if compiled else ''}: {points} points, about {hours:.1f} "
+          "device-hours of training with 1 worker"
+          + (f", {hours / best:.1f} with the best worker count ({best:.2f}x)" if best > 1 else "")
+          + (f", plus {compiling:.1f} hours of compiling in all (shared by the workers)"
+             if compiled else "") + f"; fitted on {fitted}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         "variant (default 5x7: 687M parameters, for a GPU)")
     args = parser.parse_args(argv)
     blocks, columns = (int(n) for n in args.largest.lower().split("x"))
+    sys.path.insert(0, str(REPO))  # a checkout that pip has not installed (a GPU machine's copy)
     VARIANTS["largest"] = (blocks, columns)
     import torch
 
@@ -149,28 +182,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = (torch.cuda.get_device_name() if args.device == "cuda" else "CPU")
     print(f"{name}, torch {torch.__version__}, paper settings from {PAPER.name}", flush=True)
-    measured: dict[bool, list[dict]] = {False: [], True: []}
-    for label, (blocks, columns) in VARIANTS.items():
-        for compiled in (False, True) if args.compile else (False,):
-            result = measure(blocks, columns, args.device, args.steps, compiled, True)
-            busy = result.get("gpu_busy_share")
-            print(f"{label:<8} b{blocks}-c{columns} {'compiled' if compiled else 'eager':<8} "
-                  f"{result['images_per_second']:>8.0f} images/s"
-                  + (f", GPU busy {100 * busy:.0f} %" if busy is not None else "")
-                  + f", {result['param_count']:,} parameters", flush=True)
-            measured[compiled].append(result)
+
+    def variant(label: str, blocks: int, columns: int, compiled: bool) -> dict:
+        result = measure(blocks, columns, args.device, args.steps, compiled, True)
+        busy = result.get("gpu_busy_share")
+        print(f"{label:<8} b{blocks}-c{columns} {'compiled' if compiled else 'eager':<8} "
+              f"{result['images_per_second']:>8.0f} images/s"
+              + (f", GPU busy {100 * busy:.0f} %" if busy is not None else "")
+              + f", first step {result['first_step_seconds']:.1f} s"
+              + f", {result['param_count']:,} parameters", flush=True)
+        return result
+
+    eager = [variant(label, b, c, False) for label, (b, c) in VARIANTS.items()]
+    print_projection(eager, 1.0)
     best = 1.0
     for count in [int(n) for n in args.workers.split(",")]:
         total = workers_run(count, args.device, args.steps)
-        speedup = total / measured[False][1]["images_per_second"]
+        speedup = total / eager[1]["images_per_second"]
         best = max(best, speedup)
         print(f"workers  {count} on one {args.device}: {total:.0f} images/s in all, "
               f"{speedup:.2f}x one worker", flush=True)
-    for compiled in (False, True) if args.compile else (False,):
-        one, points = projected_hours(measured[compiled], 1.0)
-        print(f"paper grid{' compiled' if compiled else ''}: {points} points, about {one:.1f} "
-              f"device-hours with 1 worker, {one / best:.1f} with the best worker count "
-              f"({best:.2f}x eager)")
+    if best > 1:
+        print_projection(eager, best)
+    if args.compile:  # smallest first: compiling the largest takes longest
+        compiled: list[dict] = []
+        for label, (blocks, columns) in VARIANTS.items():
+            compiled.append(variant(label, blocks, columns, True))
+            print_projection(compiled, best)
     return 0
 
 

@@ -23,6 +23,7 @@ Without a CUDA device (and without --device cpu) it prints "no CUDA device" and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +38,13 @@ SMALL = dict(blocks=3, columns=3, width=64, unit="conv-norm-act", norm="batch",
              activation="relu", dropout=0.0, drop_path="local+global")
 LARGE = dict(SMALL, blocks=5, columns=7)
 RESULTS: list[bool] = []
+
+
+def source_env() -> dict[str, str]:
+    """The environment for a child process: this checkout first on its path, ahead of what
+    PYTHONPATH already holds (on a GPU machine: the packages carried as wheels)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def line(check: str, ok: bool | None, text: str) -> None:
@@ -200,6 +208,24 @@ def check_memory(device, data) -> None:
             release_memory(device)
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 as the CPU computes it: cuDNN convolutions use TF32 by default on Ampere and newer
+    GPUs (about 1e-3 relative), which is not the fp32 evaluation a loaded model is held to."""
+    import torch
+
+    backends = [b for b in (getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul)
+                if hasattr(b, "fp32_precision")]  # torch >= 2.9; mixing with allow_tf32 raises
+    before = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, before, strict=True):
+            b.fp32_precision = value
+
+
 def check_cpu_load(device, data, folder: Path) -> None:
     """Log a trained model as a study does, then load and predict with CUDA hidden."""
     import numpy as np
@@ -211,7 +237,7 @@ def check_cpu_load(device, data, folder: Path) -> None:
     next(run.epochs())
     images = ((data.val_x[:64].float() / 255 - 0.45) / 0.25).to(device)
     run.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), ieee_fp32():
         expected = run.model(images).float().cpu().numpy()
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     configure(uri)
@@ -225,7 +251,7 @@ def check_cpu_load(device, data, folder: Path) -> None:
     out = folder / "predicted.npy"
     done = subprocess.run([sys.executable, "-c", script, uri, model_uri,
                            str(folder / "images.npy"), str(out)],
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)},
+                          env={**source_env(), "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True,
                           text=True, timeout=300)
     if done.returncode != 0:
@@ -254,7 +280,7 @@ def check_workers(device, folder: Path, counts: list[int]) -> None:
              "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}",
              "--storage", f"journal:{store / 'optuna.journal'}"],
             capture_output=True, text=True, timeout=600, cwd=folder,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            env=source_env())
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             line("workers", False, f"--workers {workers}: exit {done.returncode}: "

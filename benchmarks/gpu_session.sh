@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one run of under 9 minutes, for a GPU machine held for
+# a short time (one call, its start included, inside 15 minutes): the smoke check, then the
+# throughput benchmark with compiled steps, each cut off at its time limit. Their output goes
+# to the terminal and to OUT_DIR (default $OUT, else /tmp/gpu-session); fill
+# benchmarks/RESULTS.md's GPU table from it.
+#
+#   bash benchmarks/gpu_session.sh [OUT_DIR]              # in the checkout's root, on the GPU machine
+#   bash benchmarks/gpu_session.sh --rehearse [OUT_DIR]   # the same chain on a CPU, small sizes
+#
+# On a machine without a package index: python benchmarks/gpu_wheels.py first, where pip
+# works, and carry the .whl/ folder it fills; this script installs it (--no-index --target).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+rehearse=false
+if [ "${1:-}" = "--rehearse" ]; then rehearse=true; shift; fi
+out=${1:-${OUT:-/tmp/gpu-session}}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    site=$(mktemp -d)
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl || { echo "installing .whl/ failed"; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$python" -c "import torch, mlflow, optuna; print('torch', torch.__version__, '| mlflow',
+mlflow.__version__, '| optuna', optuna.__version__, '| CUDA', torch.cuda.is_available())" \
+    2>&1 | tee "$out/versions.txt" || exit 1
+command -v nvidia-smi > /dev/null && nvidia-smi | tee "$out/nvidia-smi.txt"
+
+if $rehearse; then
+    smoke=(--device cpu --images 400 --workers 1)
+    bench=(--device cpu --steps 3 --largest 2x2 --workers 1 --compile)
+else
+    smoke=()
+    bench=(--steps 100 --compile)
+fi
+timeout 270 "$python" benchmarks/gpu_smoke.py "${smoke[@]}" 2>&1 | tee "$out/gpu_smoke.log"
+smoke_rc=${PIPESTATUS[0]}
+timeout 250 "$python" benchmarks/bench_gpu.py "${bench[@]}" 2>&1 | tee "$out/bench_gpu.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu_smoke exit $smoke_rc, bench_gpu exit $bench_rc (124: cut off at its time limit)"
+[ "$smoke_rc" = 0 ] && [ "$bench_rc" = 0 ]
