@@ -5,6 +5,10 @@ torch, torchvision and timm but neither MLflow nor Optuna. This walks fractal-ml
 dependencies as installed here, leaves out what that machine already has (--have: a file of
 package names), and downloads the rest at the versions installed here (the ones the suite
 tested), without their own dependencies, as wheels for that machine's Python into --dest.
+With them go a few small pure-Python packages the machine has, at the versions here too
+(--also): what the carried ones need newer than an image may hold (pydantic needs
+typing-extensions >= 4.16, databricks-sdk certifi >= 2026.10); installed ahead of the
+machine's own on PYTHONPATH, they shadow them for these scripts only.
 
     python benchmarks/gpu_wheels.py [--have benchmarks/gpu_machine.txt] [--python 3.12]
 
@@ -67,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--have", type=Path, default=HERE / "gpu_machine.txt",
                         help="the machine's package names (default: benchmarks/gpu_machine.txt)")
     parser.add_argument("--python", default="3.12", help="the machine's Python (default 3.12)")
+    parser.add_argument("--also", nargs="*", default=["typing-extensions", "certifi"],
+                        help="packages the machine has to carry anyway, at the versions here "
+                        "(default: typing-extensions certifi)")
     parser.add_argument("--dest", type=Path, default=HERE.parent / ".whl")
     args = parser.parse_args(argv)
     needed = missing("fractal-mlops", machine_packages(args.have), args.python)
+    needed.update({canonical(name): metadata.version(name) for name in args.also})
     args.dest.mkdir(parents=True, exist_ok=True)
     version = args.python.replace(".", "")
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
@@ -81,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if done.returncode != 0:
         return done.returncode
     size = sum(f.stat().st_size for f in args.dest.glob("*.whl")) / 2**20
-    print(f"{len(needed)} packages the machine lacks, {size:.0f} MiB of wheels in {args.dest}")
+    print(f"{len(needed)} packages ({len(args.also)} of them shadowing the machine's), {size:.0f} "
+          f"MiB of wheels in {args.dest}")
     return 0
 
 
