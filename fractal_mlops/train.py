@@ -89,6 +89,28 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def build_optimizer(model: nn.Module, settings: TrainConfig, fused: bool
+                    ) -> torch.optim.Optimizer:
+    """SGD or AdamW. `fused` (on CUDA): one launch per step, and GradScaler hands the step its
+    overflow flag on the device instead of reading it back (a host sync per step).
+
+    A fused SGD step that GradScaler skips for overflow writes nothing, not even the momentum
+    buffers that a first step creates with torch.empty_like: a skipped first step (fp16 often
+    starts with a few) left them holding whatever that memory held, and momentum carried it
+    into the weights. So they start at zero, which the first step taken turns into its
+    gradient, as an unfused first step does."""
+    s = settings
+    if s.optimizer == "adamw":  # its state starts at zero, and its step count skips too
+        return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
+                                 fused=fused or None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+                                weight_decay=s.weight_decay, fused=fused or None)
+    if fused and s.momentum:
+        for parameter in model.parameters():
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    return optimizer
+
+
 class Trainer:
     def __init__(self, variant: dict, data: Dataset, settings: TrainConfig,
                  device: torch.device | str = "cpu", flip: bool = False,
@@ -120,15 +142,7 @@ class Trainer:
         self.epochs_done = 0
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        """On CUDA the fused kernels: one launch per step, and GradScaler hands them its
-        overflow flag on the device instead of reading it back (a host sync per step)."""
-        s = self.settings
-        fused = True if self.device.type == "cuda" else None
-        if s.optimizer == "adamw":
-            return torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
-                                     fused=fused)
-        return torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
-                               weight_decay=s.weight_decay, fused=fused)
+        return build_optimizer(self.model, self.settings, fused=self.device.type == "cuda")
 
     def _compiled(self, model: nn.Module) -> nn.Module:
         """The module the training step calls: the model, or its compiled form (same

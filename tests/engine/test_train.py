@@ -12,7 +12,7 @@ from fractal_mlops.data import load_dataset
 from fractal_mlops.device import cpu_has_native_bf16, resolve_amp, resolve_device
 from fractal_mlops.errors import ConfigError
 from fractal_mlops.sections import DataConfig, TrainConfig
-from fractal_mlops.train import CHECK_EVERY, EpochResult, Trainer
+from fractal_mlops.train import CHECK_EVERY, EpochResult, Trainer, build_optimizer
 
 REASONABLE = dict(blocks=2, columns=2, width=32, unit="conv-norm-act", norm="batch",
                   activation="relu", dropout=0.0, drop_path="local+global",
@@ -128,6 +128,26 @@ def test_steps_the_grad_scaler_skips_are_counted_not_taken_for_divergence(small_
     steps = math.ceil(len(small_digits.train_x) / settings.batch_size)
     assert trained.skipped_steps is not None and 0 < trained.skipped_steps < steps
     assert trained.non_finite_step is None and math.isfinite(trained.loss)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fused_steps_after_skipped_ones_train_as_unfused_steps_do(small_digits, optimizer):
+    """CUDA trains with fused optimizers, which take GradScaler's overflow flag on the device.
+    The CPU has the same fused kernels: with fp16's usual start (the first steps skipped for
+    overflow) the fused epoch ends where the unfused one does. A skipped first fused SGD step
+    used to leave its momentum buffers as uninitialized memory, carried into the weights."""
+    settings = TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer=optimizer, seed=0)
+    weights, skipped = [], []
+    for fused in (False, True):
+        trainer = Trainer(TINY, small_digits, settings)
+        trainer.optimizer = build_optimizer(trainer.model, settings, fused=fused)
+        trainer.amp_dtype = torch.float16
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        skipped.append(trainer.train_epoch().skipped_steps)
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    assert skipped[0] == skipped[1] and skipped[0] > 0  # the same steps skipped, first ones
+    for unfused, fused in zip(*weights, strict=True):
+        torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5)
 
 
 def test_non_finite_loss_stops_training_with_a_reason(small_digits):
