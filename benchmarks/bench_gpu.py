@@ -3,12 +3,14 @@
 For three variants of experiments/paper_cifar10.yaml (small: blocks 1 / columns 1, middle:
 blocks 3 / columns 3, largest: blocks 5 / columns 7; width 64, batch 16, 32x32 images, with
 the config's amp, gradient checkpointing and channels_last):
-  - images/s of training steps (after a warm-up), eager; with --compile also with
-    `training.compile: reduce-overhead` (torch.compile and CUDA graphs over the static
-    drop-path form; without gradient checkpointing, which a compiled step does not take), and
-    the seconds its first step takes (compilation: a worker pays them again for every trial);
+  - images/s of training steps (after a warm-up; at most --steps, at most --seconds), eager;
+    with --compile also with `training.compile: reduce-overhead` (torch.compile and CUDA graphs
+    over the static drop-path form; without gradient checkpointing, which a compiled step does
+    not take), and its startup: the first three steps' time beyond three steady steps
+    (compiling, recording the CUDA graphs), which a worker pays again for every trial;
   - the GPU's busy share: CUDA kernel time over wall time, from torch.profiler;
-  - the middle variant with 1, 2 and 4 worker processes on the one GPU: summed images/s;
+  - the middle variant with 1, 2 and 4 worker processes on the one GPU, timed together after
+    each has warmed up: images/s in all;
   - the projected GPU-hours of the whole paper grid: time per image fitted on the measured
     variants against conv units per block (2^columns - 1, times blocks), summed over every
     grid point at 5 epochs of 50,000 training images plus 10,000 evaluated, for 1 worker and
@@ -18,7 +20,7 @@ The lines come in the order of what matters most, so a run cut short (a time lim
 says the most: the eager figures and their projection, the worker counts, then the compiled
 variants smallest first, each followed by the compiled projection so far.
 
-    python benchmarks/bench_gpu.py [--steps 200] [--compile] [--workers 1,2,4]
+    python benchmarks/bench_gpu.py [--steps 200] [--compile [small,middle]] [--workers 1,2,4]
     python benchmarks/bench_gpu.py --device cpu --steps 3 --largest 2x2   # the code, on a CPU
 
 Without a CUDA device (and without --device cpu) it prints "no CUDA device" and exits 0.
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -54,8 +58,11 @@ def paper_settings():
 
 
 def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: bool,
-            profile: bool) -> dict:
-    """Images/s of `steps` training steps (and the GPU's busy share when `profile`)."""
+            profile: bool, seconds_cap: float = 20.0, barrier: str | None = None,
+            parties: int = 1) -> dict:
+    """Images/s of up to `steps` training steps, stopping after `seconds_cap` (and the GPU's
+    busy share when `profile`). `barrier`: a folder where `parties` processes meet after their
+    warm-up, so that their timed steps run at the same time."""
     import torch
 
     from fractal_mlops.data import Dataset
@@ -78,27 +85,37 @@ def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    run.train_step(*batches[0])  # compiled: dynamo, inductor and (reduce-overhead) CUDA graphs
+    for images_, labels in batches[:3]:  # compiled: dynamo and inductor on the first step,
+        run.train_step(images_, labels)  # CUDA graphs recorded on the second (reduce-overhead)
     sync()
-    first_step = time.perf_counter() - start
-    for images_, labels in batches[1:min(10, steps)]:  # warm-up: allocator, cuDNN, graph replay
+    first_steps = time.perf_counter() - start
+    for images_, labels in batches[3:10]:  # warm-up: allocator, cuDNN, graph replay
         run.train_step(images_, labels)
     sync()
-    start = time.perf_counter()
+    if barrier:
+        wait_for_all(Path(barrier), parties)
+    started_at, start, done = time.time(), time.perf_counter(), 0
     for images_, labels in batches[10:10 + steps]:
         run.train_step(images_, labels)
+        done += 1
+        if time.perf_counter() - start > seconds_cap:  # the host runs at most a few steps ahead
+            break
     sync()
     seconds = time.perf_counter() - start
-    result = {"blocks": blocks, "columns": columns, "compiled": compiled,
-              "images_per_second": steps * config.training.batch_size / seconds,
-              "first_step_seconds": first_step, "param_count": run.param_count}
+    step = seconds / done
+    result = {"blocks": blocks, "columns": columns, "compiled": compiled, "steps": done,
+              "images": done * config.training.batch_size,
+              "images_per_second": done * config.training.batch_size / seconds,
+              "startup_seconds": max(first_steps - 3 * step, 0.0),
+              "started_at": started_at, "ended_at": time.time(), "param_count": run.param_count}
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
-        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+        profiled = max(3, min(20, int(5 / step)))  # about 5 s: a large variant has 10k+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:  # kernels in each step
             start = time.perf_counter()
-            for images_, labels in batches[10:30]:  # 20 steps: a large variant has 10k+ kernels each
+            for images_, labels in batches[10:10 + profiled]:
                 run.train_step(images_, labels)
             sync()
             wall = time.perf_counter() - start
@@ -107,18 +124,34 @@ def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: b
     return result
 
 
-def workers_run(count: int, device: str, steps: int) -> float:
-    """Summed images/s of `count` processes training the middle variant at once."""
+def wait_for_all(folder: Path, parties: int, timeout: float = 600.0) -> None:
+    """Say this process is ready, and wait until all `parties` are."""
+    (folder / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob("ready-*"))) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(folder.glob('ready-*')))} of {parties} ready")
+        time.sleep(0.002)
+
+
+def workers_run(count: int, device: str, steps: int, seconds_cap: float) -> float:
+    """Images/s of `count` processes training the middle variant at once: every image they
+    trained over the time from the first one's start to the last one's end (they start
+    together, after each has warmed up)."""
     blocks, columns = VARIANTS["middle"]
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
-            f"from benchmarks.bench_gpu import measure; "
-            f"print(json.dumps(measure({blocks}, {columns}, {device!r}, {steps}, False, False)))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO) for _ in range(count)]
-    outputs = [p.communicate(timeout=1800)[0] for p in procs]
+    with tempfile.TemporaryDirectory() as barrier:
+        code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
+                f"from benchmarks.bench_gpu import measure; print(json.dumps(measure("
+                f"{blocks}, {columns}, {device!r}, {steps}, False, False, {seconds_cap}, "
+                f"{barrier!r}, {count})))")
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  text=True, cwd=REPO) for _ in range(count)]
+        outputs = [p.communicate(timeout=1800)[0] for p in procs]
     if any(p.returncode != 0 for p in procs):
         raise RuntimeError(f"a worker process failed ({[p.returncode for p in procs]})")
-    return sum(json.loads(out.strip().splitlines()[-1])["images_per_second"] for out in outputs)
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    wall = max(r["ended_at"] for r in results) - min(r["started_at"] for r in results)
+    return sum(r["images"] for r in results) / wall
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -137,7 +170,7 @@ def projected_hours(measured: list[dict], speedup: float) -> tuple[float, float,
     xs = [units(m["blocks"], m["columns"]) for m in measured]
     per_image = fit(xs, [1 / m["images_per_second"] for m in measured])
     compiled = measured[0]["compiled"]
-    per_trial = fit(xs, [m["first_step_seconds"] for m in measured]) if compiled else (0.0, 0.0)
+    per_trial = fit(xs, [m["startup_seconds"] for m in measured]) if compiled else (0.0, 0.0)
     config = paper_settings()
     points = grid(config)
     per_point_images = config.training.epochs * (TRAIN_IMAGES + EVAL_COST * VAL_IMAGES)
@@ -167,11 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--steps", type=int, default=200, help="timed training steps")
-    parser.add_argument("--compile", action="store_true", help="also under torch.compile")
+    parser.add_argument("--seconds", type=float, default=20.0, help="at most this long timing "
+                        "each variant (default 20; fewer steps then)")
+    parser.add_argument("--compile", nargs="?", const="small,middle,largest", default="",
+                        metavar="VARIANTS", help="also under torch.compile: these variants "
+                        "(default small,middle,largest)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
     parser.add_argument("--largest", default="5x7", help="blocks x columns of the largest "
                         "variant (default 5x7: 687M parameters, for a GPU)")
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.compile.split(","))) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--compile: unknown variant(s) {', '.join(sorted(unknown))} "
+                     f"(expected some of {', '.join(VARIANTS)})")
     blocks, columns = (int(n) for n in args.largest.lower().split("x"))
     sys.path.insert(0, str(REPO))  # a checkout that pip has not installed (a GPU machine's copy)
     VARIANTS["largest"] = (blocks, columns)
@@ -184,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}, torch {torch.__version__}, paper settings from {PAPER.name}", flush=True)
 
     def variant(label: str, blocks: int, columns: int, compiled: bool) -> dict:
-        result = measure(blocks, columns, args.device, args.steps, compiled, True)
+        result = measure(blocks, columns, args.device, args.steps, compiled, True, args.seconds)
         busy = result.get("gpu_busy_share")
         print(f"{label:<8} b{blocks}-c{columns} {'compiled' if compiled else 'eager':<8} "
               f"{result['images_per_second']:>8.0f} images/s"
               + (f", GPU busy {100 * busy:.0f} %" if busy is not None else "")
-              + f", first step {result['first_step_seconds']:.1f} s"
+              + f", {result['steps']} steps"
+              + (f", startup {result['startup_seconds']:.1f} s" if compiled else "")
               + f", {result['param_count']:,} parameters", flush=True)
         return result
 
@@ -197,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print_projection(eager, 1.0)
     best = 1.0
     for count in [int(n) for n in args.workers.split(",")]:
-        total = workers_run(count, args.device, args.steps)
+        total = workers_run(count, args.device, args.steps, args.seconds)
         speedup = total / eager[1]["images_per_second"]
         best = max(best, speedup)
         print(f"workers  {count} on one {args.device}: {total:.0f} images/s in all, "
@@ -206,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print_projection(eager, best)
     if args.compile:  # smallest first: compiling the largest takes longest
         compiled: list[dict] = []
-        for label, (blocks, columns) in VARIANTS.items():
-            compiled.append(variant(label, blocks, columns, True))
+        for label in args.compile.split(","):
+            compiled.append(variant(label, *VARIANTS[label], True))
             print_projection(compiled, best)
     return 0
 
