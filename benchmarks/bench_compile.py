@@ -18,16 +18,13 @@ pays for compilation), in one run.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 
-import torch
+from _digits import digits_setup  # benchmarks/, the script's folder
 
-from fractal_mlops.data import load_dataset
-from fractal_mlops.sections import DataConfig, TrainConfig
+from fractal_mlops.sections import TrainConfig
 from fractal_mlops.train import Trainer
 
 FORMS = {"skip": ("none", False), "mask": ("none", True), "compiled": ("default", True)}
@@ -52,17 +49,8 @@ def short_mean_sd(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--columns", type=int, nargs="+", default=[3, 4])
-    parser.add_argument("--width", type=int, default=16)
-    args = parser.parse_args()
     started = time.perf_counter()
-    print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    data = load_dataset(DataConfig(name="digits"))
-    settings = TrainConfig(epochs=args.epochs, batch_size=32, lr=0.1, seed=0)
+    args, data, settings = digits_setup(__doc__.splitlines()[0], [0, 1, 2, 3, 4])
     print(f"digits: {len(data.train_y)} train / {len(data.val_y)} val images; blocks 2, width "
           f"{args.width}, conv-norm-act-drop (batch norm, dropout 0.1), drop-path local+global, "
           f"{args.epochs} epochs, SGD lr 0.1 momentum 0.9; mean ± sd over seeds {args.seeds}")
