@@ -24,6 +24,7 @@ from .runner import (
     trial_config_yaml,
     trial_params,
 )
+from .stores import sqlite_lock
 
 if TYPE_CHECKING:
     from .console import StudyProgress
@@ -130,7 +131,8 @@ def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWo
     for result in trainer.epochs(stop=work.rung.epochs):
         record_epoch(tracker, run_id, result, results, trainer.train_seconds)
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        trial.report(result.val_acc, result.epoch)
+        with sqlite_lock(ctx.settings.storage.location):  # on SQLite, a Ctrl-C waits for the write
+            trial.report(result.val_acc, result.epoch)
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
         if reason is None and trial.should_prune():
             reason = (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "

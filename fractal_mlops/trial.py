@@ -20,6 +20,7 @@ from .runner import TrialResults, TrialStopped, train_and_log, trial_config_yaml
 from .signals import InterruptGuard
 from .space import Variant
 from .storage import claim_lock
+from .stores import sqlite_lock
 from .urls import redact
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
 
     def on_epoch(result) -> str | None:
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        trial.report(result.val_acc, result.epoch)
+        with sqlite_lock(ctx.settings.storage.location):  # on SQLite, a Ctrl-C waits for the write
+            trial.report(result.val_acc, result.epoch)
         if trial.should_prune():
             return (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
                     f"{result.epoch} is below the other trials'")

@@ -11,9 +11,10 @@ import pytest
 from helpers import StudyDir, write_config
 
 
-@pytest.fixture
-def worker(study_dir: StudyDir):
-    """The pieces run_worker builds, on a one-point digits study; SIGINT restored after."""
+@pytest.fixture(params=["journal"])
+def worker(request, study_dir: StudyDir):
+    """The pieces run_worker builds, on a one-point digits study; SIGINT restored after.
+    Optuna's storage: the default journal file, or (parametrized "sqlite") a SQLite database."""
     import torch
 
     from fractal_mlops.console import StudyProgress, make_console
@@ -25,6 +26,8 @@ def worker(study_dir: StudyDir):
     from fractal_mlops.tracking import configure
     from fractal_mlops.trial import TrialContext
 
+    if request.param == "sqlite":
+        study_dir.storage = f"sqlite:///{study_dir.root / 'optuna.db'}"
     config = write_config(study_dir.root / "one.yaml", study_name="one",
                           space={"blocks": [1], "columns": [1], "width": [8],
                                  "unit": ["conv-norm-act"]}, training={"epochs": 1})
@@ -82,6 +85,33 @@ def test_ctrl_c_while_the_run_closes_keeps_the_finished_trial(worker, study_dir:
     assert trial.state.name == "COMPLETE"
     run = study_dir.client().get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["fractal.state"] == "COMPLETE"
+    assert not study_dir.running_trial_runs()
+
+
+@pytest.mark.parametrize("worker", ["sqlite"], indirect=True)
+def test_ctrl_c_inside_an_epochs_optuna_write_on_sqlite_lands_once_it_is_written(
+        worker, study_dir: StudyDir):
+    """A KeyboardInterrupt inside a SQLite write can leave its connection holding the write
+    lock, so that closing the trial finds the database locked. The epoch's report to Optuna
+    waits for its write; then the trial closes interrupted in both stores."""
+    from fractal_mlops.trial import claim_and_run
+
+    context, progress = worker
+    storage = context.study._storage
+    original = storage.set_trial_intermediate_value
+
+    def ctrl_c_then_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the write begins
+        return original(*args, **kwargs)
+
+    storage.set_trial_intermediate_value = ctrl_c_then_write
+    with pytest.raises(KeyboardInterrupt):
+        claim_and_run(context, progress)
+    [trial] = study_dir.optuna_trials("one")
+    assert list(trial.intermediate_values) == [1]  # the epoch reported before the interrupt
+    assert trial.state.name == "FAIL" and trial.user_attrs["reason"] == "interrupted"
+    run = study_dir.client().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["fractal.reason"] == "interrupted"
     assert not study_dir.running_trial_runs()
 
 
