@@ -352,7 +352,7 @@ def _pip_requirements() -> list[str]:
     installed (PYTHONPATH), this package's version is its own `__version__`."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from fractal_mlops import __version__
+    from . import __version__
 
     try:
         ours = version("fractal-mlops")
