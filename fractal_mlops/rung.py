@@ -24,7 +24,6 @@ from .runner import (
     trial_config_yaml,
     trial_params,
 )
-from .stores import sqlite_lock
 
 if TYPE_CHECKING:
     from .console import StudyProgress
@@ -117,6 +116,7 @@ def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWo
            results: TrialResults, progress: StudyProgress) -> None:
     """runner.train_and_log for the epochs of one rung, with Optuna's report and pruner."""
     from .train import Trainer
+    from .trial import pruner_reason, report_epoch
 
     config, tracker, data = ctx.settings.config, ctx.tracker, ctx.data
     trainer = Trainer(variant.to_dict(), data, config.training, ctx.device,
@@ -131,12 +131,9 @@ def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWo
     for result in trainer.epochs(stop=work.rung.epochs):
         record_epoch(tracker, run_id, result, results, trainer.train_seconds)
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        with sqlite_lock(ctx.settings.storage.location):  # on SQLite, a Ctrl-C waits for the write
-            trial.report(result.val_acc, result.epoch)
-        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
-        if reason is None and trial.should_prune():
-            reason = (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
-                      f"{result.epoch} is below the other trials'")
+        report_epoch(ctx, trial, result)
+        reason = (divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
+                  or pruner_reason(ctx, trial, result))
         if reason:
             raise TrialStopped(reason)
     if not work.last_rung:

@@ -129,7 +129,7 @@ class Trainer:
         ).to(self.device, memory_format=memory_format)
         self.step_model = self._compiled(self.model)
         self.param_count = param_count(self.model)
-        self.optimizer = self._optimizer()
+        self.optimizer = build_optimizer(self.model, settings, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         loader = dict(mean=data.mean, std=data.std, device=self.device,
                       channels_last=settings.channels_last)
@@ -140,9 +140,6 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.train_seconds = 0.0
         self.epochs_done = 0
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, self.settings, fused=self.device.type == "cuda")
 
     def _compiled(self, model: nn.Module) -> nn.Module:
         """The module the training step calls: the model, or its compiled form (same

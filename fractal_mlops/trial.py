@@ -134,18 +134,29 @@ def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
 
     def on_epoch(result) -> str | None:
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        with sqlite_lock(ctx.settings.storage.location):  # on SQLite, a Ctrl-C waits for the write
-            trial.report(result.val_acc, result.epoch)
-        if trial.should_prune():
-            return (f"{config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
-                    f"{result.epoch} is below the other trials'")
-        return None
+        report_epoch(ctx, trial, result)
+        return pruner_reason(ctx, trial, result)
 
     try:
         train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, results,
                       on_epoch=on_epoch)
     except TrialStopped as stopped:
         raise optuna.TrialPruned(str(stopped)) from None
+
+
+def report_epoch(ctx: TrialContext, trial, result) -> None:
+    """The epoch's val_acc to Optuna; on SQLite a Ctrl-C waits for the write (stores.sqlite_lock),
+    as MLflow's SQLite writes do."""
+    with sqlite_lock(ctx.settings.storage.location):
+        trial.report(result.val_acc, result.epoch)
+
+
+def pruner_reason(ctx: TrialContext, trial, result) -> str | None:
+    """Why Optuna's pruner stops the trial after this epoch, or None."""
+    if not trial.should_prune():
+        return None
+    return (f"{ctx.settings.config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
+            f"{result.epoch} is below the other trials'")
 
 
 def _release(ctx: TrialContext, error: BaseException | None) -> None:
