@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from fractal_mlops.data import Dataset, load_dataset
-from fractal_mlops.sections import DataConfig, TrainConfig
+from fractal_mlops.config.sections import DataConfig, TrainConfig
+from fractal_mlops.engine.data import Dataset, load_dataset
 
 
 def digits_setup(description: str, seeds: list[int]

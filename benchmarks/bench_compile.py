@@ -24,8 +24,8 @@ from dataclasses import replace
 
 from _digits import digits_setup  # benchmarks/, the script's folder
 
-from fractal_mlops.sections import TrainConfig
-from fractal_mlops.train import Trainer
+from fractal_mlops.config.sections import TrainConfig
+from fractal_mlops.engine.train import Trainer
 
 FORMS = {"skip": ("none", False), "mask": ("none", True), "compiled": ("default", True)}
 

@@ -52,7 +52,7 @@ def units(blocks: int, columns: int) -> int:
 
 
 def paper_settings():
-    from fractal_mlops.config import load_config
+    from fractal_mlops.config.experiment import load_config
 
     return load_config(str(PAPER))
 
@@ -65,8 +65,8 @@ def measure(blocks: int, columns: int, device_name: str, steps: int, compiled: b
     warm-up, so that their timed steps run at the same time."""
     import torch
 
-    from fractal_mlops.data import Dataset
-    from fractal_mlops.train import Trainer
+    from fractal_mlops.engine.data import Dataset
+    from fractal_mlops.engine.train import Trainer
 
     config = paper_settings()
     device = torch.device(device_name)
@@ -165,7 +165,7 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def projected_hours(measured: list[dict], speedup: float) -> tuple[float, float, int]:
     """(GPU-hours of training the whole paper grid, hours of compiling it, grid points): time
     per image, and for compiled runs the first step's time, fitted against conv units."""
-    from fractal_mlops.space import grid
+    from fractal_mlops.config.space import grid
 
     xs = [units(m["blocks"], m["columns"]) for m in measured]
     per_image = fit(xs, [1 / m["images_per_second"] for m in measured])

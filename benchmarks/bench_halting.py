@@ -28,10 +28,10 @@ from datetime import datetime, timezone
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fractal_mlops.anytime import anytime_curve, column_flops, halting_predict
-from fractal_mlops.data import load_dataset
-from fractal_mlops.sections import DataConfig, TrainConfig
-from fractal_mlops.train import Trainer
+from fractal_mlops.config.sections import DataConfig, TrainConfig
+from fractal_mlops.engine.anytime import anytime_curve, column_flops, halting_predict
+from fractal_mlops.engine.data import load_dataset
+from fractal_mlops.engine.train import Trainer
 
 THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
 

@@ -83,7 +83,7 @@ def _children_cpu() -> float:
 
 def grid_points(n: int) -> list[dict]:
     """n distinct template points (blocks 1..5 x columns 1..4 x unit orders x ...)."""
-    from fractal_mlops.space import enumerate_variants
+    from fractal_mlops.config.space import enumerate_variants
 
     space = {"blocks": [1, 2, 3, 4, 5], "columns": [1, 2, 3, 4], "width": [16],
              "unit": ["conv-norm-act", "conv-act-norm", "conv-norm-act-drop", "conv-act-norm-drop"],

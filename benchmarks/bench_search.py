@@ -89,7 +89,7 @@ def read_study(folder: Path, config_path: Path) -> dict:
     import optuna
     from mlflow import MlflowClient
 
-    from fractal_mlops.storage import open_storage, resolve_storage
+    from fractal_mlops.stores.optuna_storage import open_storage, resolve_storage
 
     name = yaml.safe_load(config_path.read_text())["study_name"]
     mode = name.rsplit("-", 1)[1]
@@ -131,9 +131,9 @@ def main() -> int:
     parser.add_argument("--plan-only", action="store_true", help="print the rung plan and stop")
     args = parser.parse_args()
 
-    from fractal_mlops.config import parse_config
-    from fractal_mlops.halving import describe_plan
-    from fractal_mlops.space import grid
+    from fractal_mlops.config.experiment import parse_config
+    from fractal_mlops.config.space import grid
+    from fractal_mlops.search.halving import describe_plan
 
     config = build_config(args)
     halving = parse_config({**config, "search": {**config["search"], "mode": "halving"}})

@@ -21,8 +21,8 @@ import time
 
 from _digits import digits_setup  # benchmarks/, the script's folder
 
-from fractal_mlops.sections import TrainConfig
-from fractal_mlops.train import Trainer
+from fractal_mlops.config.sections import TrainConfig
+from fractal_mlops.engine.train import Trainer
 
 SETTINGS = {
     "none": dict(weight_sharing="none"),

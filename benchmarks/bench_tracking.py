@@ -31,16 +31,17 @@ def main() -> None:
     import torch
 
     from fractal_mlops import study as study_module
-    from fractal_mlops import study_loop
-    from fractal_mlops import trial as trial_module
-    from fractal_mlops.config import load_config
-    from fractal_mlops.console import StudyProgress, make_console
-    from fractal_mlops.data import load_dataset
+    from fractal_mlops.cli import make_console
+    from fractal_mlops.config.experiment import load_config
+    from fractal_mlops.config.space import grid
+    from fractal_mlops.engine.data import load_dataset
+    from fractal_mlops.engine.train import Trainer
+    from fractal_mlops.search import trial as trial_module
+    from fractal_mlops.search import worker as study_loop
+    from fractal_mlops.search.progress import StudyProgress
     from fractal_mlops.signals import InterruptGuard
-    from fractal_mlops.space import grid
-    from fractal_mlops.storage import resolve_storage
-    from fractal_mlops.tracking import configure
-    from fractal_mlops.train import Trainer
+    from fractal_mlops.stores.optuna_storage import resolve_storage
+    from fractal_mlops.tracking.tracker import configure
 
     torch.set_num_threads(2)
     config = load_config(None)

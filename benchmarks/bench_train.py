@@ -81,7 +81,7 @@ def cifar_images(count: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarr
 
 
 def build_model(variant: dict, **options):
-    from fractal_mlops.model import FractalNet
+    from fractal_mlops.engine.model import FractalNet
 
     return FractalNet(**variant, num_classes=10, in_chans=3, **options)
 
@@ -134,9 +134,9 @@ def lockstep(images: np.ndarray, labels: np.ndarray, mean, std, amp: str,
     (timed separately and subtracted from (b)'s time). Both draw the same drop-path plan
     (a global column, or local drops) at step i, since their compute would differ otherwise.
     """
-    from fractal_mlops.data import Dataset
-    from fractal_mlops.sections import TrainConfig
-    from fractal_mlops.train import Trainer
+    from fractal_mlops.config.sections import TrainConfig
+    from fractal_mlops.engine.data import Dataset
+    from fractal_mlops.engine.train import Trainer
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(labels).long()
@@ -179,7 +179,7 @@ def input_pipelines(images: np.ndarray, labels: np.ndarray, mean, std) -> tuple[
     from PIL import Image
     from torchvision import transforms
 
-    from fractal_mlops.data import DeviceLoader
+    from fractal_mlops.engine.data import DeviceLoader
 
     transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                                     transforms.Normalize(mean, std)])
@@ -201,9 +201,9 @@ def input_pipelines(images: np.ndarray, labels: np.ndarray, mean, std) -> tuple[
 MEMORY_CHILD = r"""
 import json, sys, torch
 from pathlib import Path
-from fractal_mlops.sections import TrainConfig
-from fractal_mlops.data import Dataset
-from fractal_mlops.train import Trainer
+from fractal_mlops.config.sections import TrainConfig
+from fractal_mlops.engine.data import Dataset
+from fractal_mlops.engine.train import Trainer
 
 def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -248,8 +248,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from fractal_mlops.device import cpu_has_native_bf16
-    from fractal_mlops.model import param_count
+    from fractal_mlops.engine.device import cpu_has_native_bf16
+    from fractal_mlops.engine.model import param_count
 
     print("## Training throughput and memory (core engine)")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")

@@ -30,7 +30,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target "$site" .whl/*.whl || { echo "installing .whl/ failed"; exit 1; }
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$python" -c "import torch, mlflow, optuna, fractal_mlops.sections, fractal_mlops.tracking
+"$python" -c "import torch, mlflow, optuna, fractal_mlops.config.sections, fractal_mlops.tracking.tracker
 print('torch', torch.__version__, '| mlflow', mlflow.__version__, '| optuna', optuna.__version__,
       '| CUDA', torch.cuda.is_available())" 2>&1 | tee "$out/versions.txt" || exit 1
 command -v nvidia-smi > /dev/null && nvidia-smi | tee "$out/nvidia-smi.txt"

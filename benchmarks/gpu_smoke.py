@@ -59,7 +59,7 @@ def dataset(images: int, size: int = 32, seed: int = 0):
     """Random CIFAR-shaped uint8 images whose label is visible in them (a learnable task)."""
     import torch
 
-    from fractal_mlops.data import Dataset
+    from fractal_mlops.engine.data import Dataset
 
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(images) % 10
@@ -73,8 +73,8 @@ def dataset(images: int, size: int = 32, seed: int = 0):
 
 
 def trainer(variant: dict, data, device, **settings):
-    from fractal_mlops.sections import TrainConfig
-    from fractal_mlops.train import Trainer
+    from fractal_mlops.config.sections import TrainConfig
+    from fractal_mlops.engine.train import Trainer
 
     config = TrainConfig(**{"epochs": 1, "batch_size": 16, "lr": 0.01, "amp": "off", **settings})
     return Trainer(dict(variant), data, config, device)
@@ -83,7 +83,7 @@ def trainer(variant: dict, data, device, **settings):
 def check_device(device) -> None:
     import torch
 
-    from fractal_mlops.device import resolve_amp
+    from fractal_mlops.engine.device import resolve_amp
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -126,7 +126,7 @@ def step_state(run, images, labels):
     loss, _, _ = run.train_step(images, labels)
     grads = [p.grad.detach().clone() for p in run.model.parameters() if p.grad is not None]
     norms = [b.detach().clone() for name, b in run.model.named_buffers() if "running" in name]
-    from fractal_mlops.model import drop_rng
+    from fractal_mlops.engine.model import drop_rng
 
     rng = (torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
            else torch.get_rng_state())
@@ -193,7 +193,7 @@ def check_memory(device) -> None:
     if device.type != "cuda":
         line("memory", None, "CUDA only (the gpu_mem_* metrics)")
         return
-    from fractal_mlops.device import release_memory
+    from fractal_mlops.engine.device import release_memory
 
     data = dataset(400)  # 20 training steps: the peaks come in the first (b5-c7: 687M parameters)
     for name, variant in (("b3-c3", SMALL), ("b5-c7", LARGE)):
@@ -232,7 +232,7 @@ def check_cpu_load(device, data, folder: Path) -> None:
     import numpy as np
     import torch
 
-    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.tracking.tracker import Tracker, configure
 
     run = trainer(SMALL, data, device)
     next(run.epochs())

@@ -11,10 +11,12 @@ status first, by its message only as a fallback (kept for drivers that wrap ever
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Iterator
 
 OUTAGE, CONFLICT, FAULT, REFUSED = "outage", "conflict", "fault", "refused"
-EXIT_FAULT, EXIT_BAD_INPUT = 1, 2
+# The exit codes every command shares (cli.py); 128 + N after a stop signal N.
+EXIT_OK, EXIT_FAULT, EXIT_BAD_INPUT = 0, 1, 2
 OUTAGE_STATUS = {502, 503, 504}
 OUTAGE_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED"}
 CONFLICT_CODES = {"RESOURCE_ALREADY_EXISTS"}
@@ -132,3 +134,25 @@ def is_unique_violation(exc: BaseException) -> bool:
 def exit_code_for(exc: BaseException) -> int:
     """1 for a fault or an outage (try again later), 2 for a refused request."""
     return EXIT_FAULT if classify(exc) in (OUTAGE, FAULT) else EXIT_BAD_INPUT
+
+
+class TrialStopped(Exception):
+    """Training stopped early on purpose; the message is the reason (the trial is PRUNED)."""
+
+
+class StopWorker(Exception):
+    """A store went away or the GPU failed while a trial trained: the worker stops with one
+    line (exit 1); its point stays pending."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived; `signum` says which."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    """`Type: message` on one line, as a FAIL reason."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:limit]

@@ -24,105 +24,63 @@ import argparse
 import math
 import re
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-from .cli import OneLineParser
-from .compat import mismatch
-from .errors import ConfigError
-from .registry import Candidate, aliases, eligible, metric_tag, rank, register, trial_runs
-from .stores import check_existing_store, resolve_tracking_uri
-from .ui import STATE
-from .urls import redact
+from fractal_mlops.cli import (
+    add_experiment_flag,
+    add_tracking_uri_flag,
+    experiment_from,
+    parser,
+    run_command,
+)
+from fractal_mlops.errors import ConfigError
+from fractal_mlops.stores.locations import check_existing_store, resolve_tracking_uri
+from fractal_mlops.tracking.promotion import PromoteSettings
 
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
-
-EXIT_OK, EXIT_NOTHING, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_MODEL_NAME, DEFAULT_ALIAS, DEFAULT_PREVIOUS = "FractalNet", "champion", "previous"
 _ALIAS = re.compile(r"^[\w-]{1,255}$")
 _LOWER_IS_BETTER = re.compile(r"(loss|seconds|_mb|_count)$")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="fractal-mlops promote",
-        description="Register the best COMPLETE trial of a study as a new version of the "
-                    "registered model and move the champion alias to it when it is better.")
-    parser.add_argument("--experiment", help="MLflow experiment = study name "
-                        "(default: the quickstart's, fractalnet-quickstart)")
-    parser.add_argument("--metric", default="val_acc", help="final metric to rank by; val_acc "
-                        "means final_val_acc; any other run metric by name (default: val_acc)")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
-                        help="registered model (default: FractalNet)")
-    parser.add_argument("--alias", default=DEFAULT_ALIAS, help="alias of the promoted version "
-                        "(default: champion)")
-    parser.add_argument("--previous-alias", help="alias kept by the outgoing version (default: "
-                        "previous; <alias>-previous for another --alias)")
-    parser.add_argument("--min-delta", type=float, default=0.0, help="move the alias only when "
-                        "the best run beats the current one by at least this much (default 0)")
-    parser.add_argument("--force", action="store_true",
-                        help="move the alias to the best run even when it is not better")
-    parser.add_argument("--rollback", action="store_true", help="give the alias back to the "
-                        "version holding the previous alias (and swap them)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: "
-                        "$MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
-    return parser
+    p = parser("promote", "Register the best COMPLETE trial of a study as a new version of the "
+               "registered model and move the champion alias to it when it is better.")
+    add_experiment_flag(p)
+    p.add_argument("--metric", default="val_acc", help="final metric to rank by; val_acc "
+                   "means final_val_acc; any other run metric by name (default: val_acc)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                   help="registered model (default: FractalNet)")
+    p.add_argument("--alias", default=DEFAULT_ALIAS, help="alias of the promoted version "
+                   "(default: champion)")
+    p.add_argument("--previous-alias", help="alias kept by the outgoing version (default: "
+                   "previous; <alias>-previous for another --alias)")
+    p.add_argument("--min-delta", type=float, default=0.0, help="move the alias only when "
+                   "the best run beats the current one by at least this much (default 0)")
+    p.add_argument("--force", action="store_true",
+                   help="move the alias to the best run even when it is not better")
+    p.add_argument("--rollback", action="store_true", help="give the alias back to the "
+                   "version holding the previous alias (and swap them)")
+    add_tracking_uri_flag(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .console import error_line
-    from .errors import EXIT_FAULT, ServerFault, exit_code_for
-    from .tracking import configure, mlflow_error_line, open_store
-    from .urls import install_redaction
-
-    install_redaction()
-
-    try:
-        settings = resolve_settings(args)
-        configure(settings.tracking_uri)
-        client = open_store(settings.tracking_uri)
-        if args.rollback:
-            return rollback(client, settings)
-        return promote(client, settings)
-    except ConfigError as exc:
-        error_line(redact(str(exc)))
-        return EXIT_BAD_INPUT
-    except ServerFault as exc:
-        error_line(str(exc))
-        return EXIT_FAULT
-    except Exception as exc:
-        message = mlflow_error_line(exc)
-        if message is None:
-            raise
-        error_line(message)
-        return exit_code_for(exc)  # a server's fault or an outage: 1; a refused request: 2
+    return run_command(lambda: _run(args))
 
 
-@dataclass(frozen=True)
-class PromoteSettings:
-    tracking_uri: str
-    experiment: str
-    metric: str  # the run metric key actually compared (val_acc -> final_val_acc)
-    maximize: bool
-    model_name: str
-    alias: str
-    previous_alias: str
-    min_delta: float
-    force: bool
+def _run(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    from fractal_mlops.tracking.promotion import promote, rollback
+    from fractal_mlops.tracking.tracker import configure, open_store
+
+    configure(settings.tracking_uri)
+    client = open_store(settings.tracking_uri)
+    return rollback(client, settings) if args.rollback else promote(client, settings)
 
 
 def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
     """Flags + environment, checked; raises ConfigError and touches no store."""
-    experiment = args.experiment
-    if experiment is None:
-        from .config import load_config
-
-        experiment = load_config(None).study_name
-    if not experiment.strip():
-        raise ConfigError("--experiment must not be empty")
+    experiment = experiment_from(args)
     metric = args.metric.strip()
     if not metric:
         raise ConfigError("--metric must not be empty")
@@ -145,153 +103,8 @@ def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
         raise ConfigError("--rollback and --force do not go together")
     uri = resolve_tracking_uri(args.tracking_uri, None)
     check_existing_store(uri)
-    return PromoteSettings(uri, experiment.strip(), key, not _LOWER_IS_BETTER.search(key), name,
+    return PromoteSettings(uri, experiment, key, not _LOWER_IS_BETTER.search(key), name,
                            args.alias, previous, args.min_delta, args.force)
-
-
-# -- the commands ----------------------------------------------------------------------------
-
-def promote(client: MlflowClient, s: PromoteSettings) -> int:
-    experiment = client.get_experiment_by_name(s.experiment)
-    if experiment is None or experiment.lifecycle_stage != "active":
-        known = [e.name for e in client.search_experiments()][:8]
-        raise ConfigError(f"experiment {s.experiment!r} not found in {redact(s.tracking_uri)} "
-                          f"(experiments there: {', '.join(known) or 'none'})")
-    runs = trial_runs(client, experiment.experiment_id)
-    candidates, skipped = eligible(runs, s.metric)
-    complete = [r for r in runs if r.data.tags.get(STATE) == "COMPLETE"]
-    if not candidates and complete and all(s.metric not in r.data.metrics for r in complete):
-        known = sorted({k for r in complete for k in r.data.metrics})
-        raise ConfigError(f"--metric {s.metric!r}: no trial of {s.experiment!r} recorded it "
-                          f"(they have {', '.join(known[:12])}{', ...' if len(known) > 12 else ''})")
-    others = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
-    print(f"experiment {s.experiment}: {len(runs)} trial runs, {len(candidates)} eligible "
-          f"(COMPLETE with {s.metric})" + (f"; not eligible: {others}" if others else ""))
-    if not candidates:
-        print(f"nothing to promote: no COMPLETE trial in {s.experiment!r} has a model and "
-              f"{s.metric}", file=sys.stderr)
-        return EXIT_NOTHING
-    ranked = rank(candidates, s.maximize)
-    best = ranked[0]
-    direction = "highest" if s.maximize else "lowest"
-    ties = sum(c.value == best.value for c in ranked)
-    tie_note = f" ({ties} runs tie: fewest parameters, then earliest, wins)" if ties > 1 else ""
-    print(f"best by {direction} {s.metric}: run {best.run_id} trial {best.trial} "
-          f"{best.variant}: {s.metric} {best.value:.4f}, {best.param_count:,.0f} params"
-          + tie_note)
-
-    current = aliases(client, s.model_name)
-    version, created = register(client, s.model_name, best, s.metric, s.experiment, (
-        "FractalNet variants promoted from fractal_mlops studies. Alias "
-        f"'{s.alias}': the promoted version; '{s.previous_alias}': the one "
-        "before it (fractal-mlops promote --rollback swaps them)."))
-    v = str(version.version)
-    if created:
-        print(f"registered {s.model_name} version {v} from {best.model_uri} "
-              f"(source_run_id {best.run_id})")
-    else:
-        print(f"run {best.run_id} is already {s.model_name} version {v}: no new version")
-
-    champion = current.get(s.alias)
-    if champion == v:
-        print(f"{s.model_name}@{s.alias} is already version {v}: nothing to change")
-        return EXIT_OK
-    move, why = decide(client, s, best, champion)
-    if not move:
-        print(f"{s.model_name}@{s.alias} stays on version {champion}: {why}")
-        return EXIT_OK
-    if champion is not None:
-        client.set_registered_model_alias(s.model_name, s.previous_alias, champion)
-    client.set_registered_model_alias(s.model_name, s.alias, v)
-    kept = (f"; version {champion} keeps @{s.previous_alias} (undo: fractal-mlops promote "
-            f"--rollback)") if champion is not None else ""
-    print(f"{s.model_name}@{s.alias} -> version {v}: {why}{kept}")
-    print(f'load it: mlflow.pyfunc.load_model("models:/{s.model_name}@{s.alias}")')
-    return EXIT_OK
-
-
-def decide(client: MlflowClient, s: PromoteSettings, best: Candidate,
-           champion: str | None) -> tuple[bool, str]:
-    """Whether the alias moves from `champion` (a version) to `best`, and why."""
-    if champion is None:
-        return True, "there was no champion yet"
-    held = client.get_model_version(s.model_name, champion)
-    value, params = _champion_metrics(client, held, s.metric)
-    other = mismatch(client, best.run, held.tags.get("source_run_id") or held.run_id)
-    if other and not s.force:  # accuracies on other data say nothing about each other
-        return False, (f"run {best.run_id} was trained on other data ({other}); "
-                       "pass --force to promote across datasets")
-    if other:
-        return True, f"--force across datasets ({other})"
-    if s.force:
-        return True, f"--force (version {champion} had {s.metric} {_fmt(value)})"
-    if value is None:
-        return False, (f"version {champion} has no {s.metric} to compare with; "
-                       "pass --force to replace it")
-    gain = (best.value - value) if s.maximize else (value - best.value)
-    where = ""
-    if held.tags.get("experiment") and held.tags["experiment"] != s.experiment:
-        where = f" (of experiment {held.tags['experiment']})"
-    compared = f"{s.metric} {best.value:.4f} vs {value:.4f} of version {champion}{where}"
-    if s.min_delta > 0:
-        if gain >= s.min_delta:
-            return True, f"{compared}: better by {gain:.4f} >= min-delta {s.min_delta:g}"
-        return False, f"{compared}: not better by at least min-delta {s.min_delta:g}"
-    if gain > 0:
-        return True, f"{compared}: better"
-    if gain == 0 and params is not None and best.param_count < params:
-        return True, f"{compared}: a tie, with fewer parameters ({metric_tag(best.param_count)})"
-    return False, f"{compared}: not better"
-
-
-def _champion_metrics(client: MlflowClient, version: ModelVersion,
-                      metric: str) -> tuple[float | None, float | None]:
-    """The champion's metric and parameter count, from its source run (or its version tags)."""
-    from mlflow.exceptions import MlflowException
-
-    run_id = version.tags.get("source_run_id") or version.run_id
-    metrics: dict[str, Any] = {}
-    if run_id:
-        try:
-            metrics = client.get_run(run_id).data.metrics
-        except MlflowException:
-            metrics = {}
-    value = metrics.get(metric)
-    if value is None:
-        tag = version.tags.get("val_acc" if metric == "final_val_acc" else metric)
-        value = _float(tag)
-    params = metrics.get("param_count", _float(version.tags.get("param_count")))
-    return value, params
-
-
-def _float(text: str | None) -> float | None:
-    try:
-        return float(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def _fmt(value: float | None) -> str:
-    return "?" if value is None else f"{value:.4f}"
-
-
-def rollback(client: MlflowClient, s: PromoteSettings) -> int:
-    """Give the alias back to the version holding the previous alias; swap the two."""
-    current = aliases(client, s.model_name)
-    previous, champion = current.get(s.previous_alias), current.get(s.alias)
-    if previous is None:
-        print(f"nothing to roll back to: no version of {s.model_name!r} has the alias "
-              f"{s.previous_alias!r}", file=sys.stderr)
-        return EXIT_NOTHING
-    client.set_registered_model_alias(s.model_name, s.alias, previous)
-    if champion is not None:
-        client.set_registered_model_alias(s.model_name, s.previous_alias, champion)
-    else:
-        client.delete_registered_model_alias(s.model_name, s.previous_alias)
-    print(f"rolled back: {s.model_name}@{s.alias} -> version {previous}"
-          + (f" (was version {champion}, which now holds @{s.previous_alias}; the same command "
-             "undoes this)" if champion is not None else ""))
-    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from .workers import STOP_SIGNALS, Stopped  # SIGINT, SIGTERM, SIGHUP
+from fractal_mlops.errors import Stopped
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class InterruptGuard:
@@ -85,3 +87,11 @@ def stop_signals_held() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         if caught:
             signal.raise_signal(caught[0])
+
+
+def exit_code(exc: BaseException) -> int:
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def signal_name(exc: BaseException) -> str:
+    return signal.Signals(getattr(exc, "signum", signal.SIGINT)).name

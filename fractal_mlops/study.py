@@ -5,11 +5,11 @@
 
 Each worker loops: claim a pending grid point under the study-wide claim lock (marking trials
 of vanished workers FAIL "worker lost" first, so their points become pending again), train it
-through train.py, report val_acc to Optuna each epoch (divergence check + optional pruner),
+through the engine's Trainer, report val_acc to Optuna each epoch (divergence check + optional pruner),
 log everything to MLflow, tell Optuna. Re-running the command resumes; a finished grid trains
-nothing. This module is the command: its flags, settings and exits; the work is in
-study_loop.py, imported once the input is good, so `--help` and bad input import neither torch,
-timm nor mlflow.
+nothing. This module is the command: its flags, settings and exits; the work is in search/
+(worker.py, launcher.py), imported once the input is good, so `--help` and bad input import
+neither torch, timm nor mlflow.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from .cli import OneLineParser
-from .config import ExperimentConfig, check_study_name, load_config
-from .errors import EXIT_BAD_INPUT, ConfigError, ServerFault, is_outage
-from .outcome import one_line
-from .sections import check_run
-from .signals import InterruptGuard
-from .storage import StorageSpec, check_storage, heartbeat_settings, resolve_storage
-from .stores import check_tracking_uri, resolve_tracking_uri
-from .trial import StopWorker
-from .urls import redact
-from .workers import exit_code, signal_name
+from fractal_mlops.cli import OneLineParser, make_console, run_command
+from fractal_mlops.config.experiment import check_study_name, load_config
+from fractal_mlops.config.sections import check_run
+from fractal_mlops.search.settings import StudySettings
+from fractal_mlops.signals import InterruptGuard
+from fractal_mlops.stores.locations import check_tracking_uri, resolve_tracking_uri
+from fractal_mlops.stores.optuna_storage import (
+    check_storage,
+    heartbeat_settings,
+    resolve_storage,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,18 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass(frozen=True)
-class StudySettings:
-    config: ExperimentConfig
-    study_name: str
-    tracking_uri: str
-    storage: StorageSpec
-    device: str
-    workers: int
-    n_trials: int | None
-    report: bool = True  # refresh the study report at the end (--no-report: don't)
-
-
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
     """Config + flags + environment, checked; raises ConfigError and touches no store."""
     config = load_config(args.config)
@@ -85,39 +73,29 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .console import error_line, make_console
-    from .urls import install_redaction
+    return run_command(lambda: _run(args),
+                       "running trials are marked FAIL (interrupted), or in halving mode wait to "
+                       "resume their rung; no worker is left running; run the same command "
+                       "again to resume",
+                       quiet_interrupt=bool(os.environ.get("FRACTAL_WORKER_INDEX")))  # the launcher says it
 
-    install_redaction()
 
-    try:
-        settings = replace(resolve_settings(args), report=not args.no_report)
-        from .study_loop import launch_workers, run_worker  # torch, optuna, mlflow: input is good
-        from .tracking import configure
+def _run(args: argparse.Namespace) -> int:
+    settings = replace(resolve_settings(args), report=not args.no_report)
+    from fractal_mlops.reporting.build import study_finished
+    from fractal_mlops.search.launcher import launch_workers
+    from fractal_mlops.search.worker import run_worker  # torch, optuna, mlflow: input is good
+    from fractal_mlops.tracking.tracker import configure
 
-        configure(settings.tracking_uri)
-        interrupts = InterruptGuard().install()  # a stop signal now raises workers.Stopped
-        if settings.workers > 1:
-            return launch_workers(settings, make_console())
-        return run_worker(settings, make_console(), interrupts)
-    except ConfigError as exc:
-        error_line(redact(str(exc)))
-        return EXIT_BAD_INPUT
-    except (StopWorker, ServerFault) as exc:
-        error_line(redact(str(exc)))
-        return 1
-    except Exception as exc:
-        if not is_outage(exc):  # a store went away outside a trial's own handling
-            raise
-        error_line(f"a store stopped answering ({one_line(exc, 300)}); run the same command "
-                   "again when it is back: the running trial is then recovered")
-        return 1
-    except KeyboardInterrupt as exc:
-        if not os.environ.get("FRACTAL_WORKER_INDEX"):  # the launcher says it for its workers
-            error_line(f"interrupted ({signal_name(exc)}): running trials are marked FAIL "
-                       "(interrupted), or in halving mode wait to resume their rung; no worker "
-                       "is left running; run the same command again to resume")
-        return exit_code(exc)
+    def refresh_report() -> None:  # before the closing lines, which end with the UI's URL
+        if settings.report:
+            study_finished(settings.tracking_uri, settings.study_name)
+
+    configure(settings.tracking_uri)
+    interrupts = InterruptGuard().install()  # a stop signal now raises errors.Stopped
+    if settings.workers > 1:
+        return launch_workers(settings, make_console(), refresh_report)
+    return run_worker(settings, make_console(), interrupts, refresh_report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import yaml
 if TYPE_CHECKING:
     from torch import nn
 
-    from fractal_mlops.model import FractalNet
+    from fractal_mlops.engine.model import FractalNet
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -105,7 +105,7 @@ def load_optuna_study(storage: str, study_name: str):
     """The study as the CLI sees it (`storage`: anything --storage accepts)."""
     import optuna
 
-    from fractal_mlops.storage import open_storage, resolve_storage
+    from fractal_mlops.stores.optuna_storage import open_storage, resolve_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=study_name,
@@ -266,7 +266,7 @@ def seed(value: int) -> None:
     """What a FractalNet draws from: torch's RNG (weights, dropout), drop_rng (drop-path)."""
     import torch
 
-    from fractal_mlops.model import drop_rng
+    from fractal_mlops.engine.model import drop_rng
 
     torch.manual_seed(value)
     drop_rng.seed(value)
@@ -301,7 +301,7 @@ def loss_and_grads(checkpointing: bool, drop_path: str, **options):
     import torch
     from torch import nn
 
-    from fractal_mlops.model import FractalNet
+    from fractal_mlops.engine.model import FractalNet
 
     seed(0)
     # 4 columns: joins with drop decisions run inside the checkpointed halves, too

@@ -28,7 +28,7 @@ def test_ci_runs_the_readmes_test_command_verbatim():
 
 
 def test_the_default_config_is_shipped_inside_the_package():
-    from fractal_mlops.config import default_config_path
+    from fractal_mlops.config.experiment import default_config_path
 
     shipped = default_config_path()
     assert shipped.read_text() == (REPO / "experiments" / "quickstart.yaml").read_text()

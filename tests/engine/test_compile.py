@@ -10,13 +10,13 @@ import pytest
 import torch
 from helpers import seed
 
-from fractal_mlops.config import load_config
-from fractal_mlops.data import load_dataset
+from fractal_mlops.config.experiment import load_config
+from fractal_mlops.config.sections import DataConfig, TrainConfig
+from fractal_mlops.engine.data import load_dataset
+from fractal_mlops.engine.model import FractalNet
+from fractal_mlops.engine.static_drop_path import MaskPlan, masked_join
+from fractal_mlops.engine.train import Trainer
 from fractal_mlops.errors import ConfigError
-from fractal_mlops.model import FractalNet
-from fractal_mlops.sections import DataConfig, TrainConfig
-from fractal_mlops.static_drop_path import MaskPlan, masked_join
-from fractal_mlops.train import Trainer
 
 SMALL = dict(blocks=2, columns=3, width=8, unit="conv-norm-act", norm="none",
              activation="relu", dropout=0.0, drop_path="local+global")

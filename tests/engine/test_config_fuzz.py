@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import StudyDir
 
-from fractal_mlops.config import load_config
+from fractal_mlops.config.experiment import load_config
 from fractal_mlops.errors import ConfigError
 
 BASE = {

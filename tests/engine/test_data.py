@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import IMAGE_CLASSES, image_folder, write_image
 
-from fractal_mlops import data as data_module
-from fractal_mlops.data import DeviceLoader, load_dataset
+from fractal_mlops.config.sections import DataConfig
+from fractal_mlops.engine import data as data_module
+from fractal_mlops.engine.data import DeviceLoader, load_dataset
 from fractal_mlops.errors import ConfigError
-from fractal_mlops.sections import DataConfig
 
 
 def test_digits_is_a_fixed_stratified_uint8_split():

@@ -46,8 +46,8 @@ def test_the_smoke_check_runs_its_cpu_checks_and_passes_them(tmp_path):
 def test_the_gpu_benchmark_measures_every_variant_and_projects_the_whole_paper_grid(tmp_path):
     """bench_gpu's chain on the CPU at small sizes: a line per variant and worker count, and
     projections over every point of experiments/paper_cifar10.yaml, compiled ones included."""
-    from fractal_mlops.config import load_config
-    from fractal_mlops.space import grid
+    from fractal_mlops.config.experiment import load_config
+    from fractal_mlops.config.space import grid
 
     points = len(grid(load_config(str(REPO / "experiments" / "paper_cifar10.yaml"))))
     lines = run_script("bench_gpu.py", "--device", "cpu", "--steps", "2", "--largest", "1x2",

@@ -12,15 +12,15 @@ import torch
 from helpers import ConvCalls, convs, loss_and_grads, seed
 from torch import nn
 
-import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
-from fractal_mlops.model import FractalNet
+import fractal_mlops.engine.model  # noqa: F401  (registers "fractalnet" with timm)
+from fractal_mlops.engine.model import FractalNet
 
 SMALL = dict(blocks=2, columns=3, width=8, unit="conv-norm-act", norm="none",
              activation="relu", dropout=0.0, drop_path="local+global")
 
 
 def test_import_then_timm_create_model_in_a_fresh_process():
-    code = ("import fractal_mlops.model, timm, torch\n"
+    code = ("import fractal_mlops.engine.model, timm, torch\n"
             "m = timm.create_model('fractalnet', blocks=5, columns=3, width=64,"
             " num_classes=10, in_chans=3).eval()\n"
             "print(tuple(m(torch.randn(2, 3, 32, 32)).shape))\n")
@@ -257,3 +257,15 @@ def test_gradient_checkpointing_really_recomputes():
         with torch.no_grad():
             model(torch.randn(2, 3, 16, 16))
         assert calls.per_block == [7, 7]  # nothing to recompute without gradients
+
+
+def test_a_model_pickled_by_the_flat_layout_still_loads():
+    """Models logged before the package had subpackages name `fractal_mlops.model.FractalNet`."""
+    code = ("import pickle\n"
+            "from fractal_mlops.engine.model import FractalNet, FractalPath\n"
+            "assert pickle.loads(b'cfractal_mlops.model\\nFractalNet\\n.') is FractalNet\n"
+            "assert pickle.loads(b'cfractal_mlops.model\\nFractalPath\\n.') is FractalPath\n"
+            "import fractal_mlops.static_drop_path as old, fractal_mlops.engine.static_drop_path as new\n"
+            "assert old is new\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -10,8 +10,8 @@ import torch
 from helpers import EXPERIMENTS, run_module, structural_fingerprint, write_config
 from torch import nn
 
-from fractal_mlops.config import SPACE_DEFAULTS, parse_config
-from fractal_mlops.space import Variant, enumerate_variants
+from fractal_mlops.config.experiment import SPACE_DEFAULTS, parse_config
+from fractal_mlops.config.space import Variant, enumerate_variants
 
 DIMENSION_KEYS = {"blocks", "columns", "width", "unit", "norm", "activation", "dropout",
                   "drop_path", "weight_sharing"}
@@ -36,7 +36,7 @@ def test_default_config_prints_the_grid_size():
 def test_json_variants_build_working_models_with_timm():
     import timm
 
-    import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
+    import fractal_mlops.engine.model  # noqa: F401  (registers "fractalnet" with timm)
 
     variants = grid_json()
     assert len(variants) == 12
@@ -64,7 +64,7 @@ def test_paper_grid_variants_are_all_distinct_networks(monkeypatch):
     """
     import timm
 
-    from fractal_mlops import model as model_module  # registers "fractalnet" with timm
+    from fractal_mlops.engine import model as model_module  # registers "fractalnet" with timm
 
     real_block = model_module.FractalBlock
     blocks: dict[tuple, torch.nn.Module] = {}
@@ -99,7 +99,7 @@ def test_paper_grid_variants_are_all_distinct_networks(monkeypatch):
 
 def test_fingerprint_tells_unit_orders_and_dimensions_apart():
     """The fingerprint used above is able to see each dimension (so that test can fail)."""
-    from fractal_mlops.model import FractalNet
+    from fractal_mlops.engine.model import FractalNet
 
     base = dict(blocks=2, columns=2, width=8, unit="conv-norm-act", norm="batch",
                 activation="relu", dropout=0.0, drop_path="local")

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from fractal_mlops.data import load_dataset
-from fractal_mlops.device import cpu_has_native_bf16, resolve_amp, resolve_device
+from fractal_mlops.config.sections import DataConfig, TrainConfig
+from fractal_mlops.engine.data import load_dataset
+from fractal_mlops.engine.device import cpu_has_native_bf16, resolve_amp, resolve_device
+from fractal_mlops.engine.train import CHECK_EVERY, EpochResult, Trainer, build_optimizer
 from fractal_mlops.errors import ConfigError
-from fractal_mlops.sections import DataConfig, TrainConfig
-from fractal_mlops.train import CHECK_EVERY, EpochResult, Trainer, build_optimizer
 
 REASONABLE = dict(blocks=2, columns=2, width=32, unit="conv-norm-act", norm="batch",
                   activation="relu", dropout=0.0, drop_path="local+global",

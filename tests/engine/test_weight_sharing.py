@@ -15,18 +15,18 @@ import torch
 from helpers import ConvCalls, StudyDir, convs, loss_and_grads, structural_fingerprint, write_config
 from torch import nn
 
-import fractal_mlops.model  # noqa: F401  (registers "fractalnet" with timm)
-from fractal_mlops.anytime import (
+import fractal_mlops.engine.model  # noqa: F401  (registers "fractalnet" with timm)
+from fractal_mlops.config.experiment import parse_config
+from fractal_mlops.config.sections import DataConfig, TrainConfig
+from fractal_mlops.config.space import enumerate_variants
+from fractal_mlops.engine.anytime import (
     anytime_curve,
     column_flops,
     curve_csv,
     halting_point,
     halting_predict,
 )
-from fractal_mlops.config import parse_config
-from fractal_mlops.model import FractalNet, param_count
-from fractal_mlops.sections import DataConfig, TrainConfig
-from fractal_mlops.space import enumerate_variants
+from fractal_mlops.engine.model import FractalNet, param_count
 
 # digits-shaped (1 channel in), one block of width 4, a 10-class head
 TINY = dict(blocks=1, width=4, in_chans=1, num_classes=10, activation="relu", dropout=0.0,
@@ -218,8 +218,8 @@ def test_bad_weight_sharing_value_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module", params=["none", "recursive"])
 def trained(request):
-    from fractal_mlops.data import load_dataset
-    from fractal_mlops.train import Trainer
+    from fractal_mlops.engine.data import load_dataset
+    from fractal_mlops.engine.train import Trainer
 
     data = load_dataset(DataConfig(name="digits"))
     variant = dict(blocks=1, columns=3, width=8, unit="conv-norm-act", norm="batch",

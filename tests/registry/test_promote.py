@@ -124,7 +124,7 @@ def _synthetic_trial(tracker, name: str, state: str, val_acc: float, params: int
 
 @pytest.mark.slow
 def test_never_promotes_pruned_or_failed_trials_and_ties_go_to_fewer_parameters(tmp_path):
-    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.tracking.tracker import Tracker, configure
 
     store = Store(tmp_path)
     configure(store.uri)  # as promote's main does
@@ -155,7 +155,7 @@ def test_never_promotes_pruned_or_failed_trials_and_ties_go_to_fewer_parameters(
 @pytest.mark.slow
 @pytest.mark.parametrize("metric", ["val_loss", "train_seconds"])
 def test_losses_and_seconds_are_minimized(tmp_path, metric):
-    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.tracking.tracker import Tracker, configure
 
     store = Store(tmp_path)
     configure(store.uri)  # as promote's main does
@@ -196,7 +196,7 @@ def test_losses_and_seconds_are_minimized(tmp_path, metric):
 
 @pytest.mark.slow
 def test_an_exact_tie_moves_the_alias_only_to_fewer_parameters(tmp_path):
-    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.tracking.tracker import Tracker, configure
 
     store = Store(tmp_path)
     configure(store.uri)  # as promote's main does

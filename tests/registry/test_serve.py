@@ -26,8 +26,8 @@ def digits_batch(n: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Real validation digits, normalized exactly as training fed them to the model."""
     import torch
 
-    from fractal_mlops.data import DeviceLoader, load_dataset
-    from fractal_mlops.sections import DataConfig
+    from fractal_mlops.config.sections import DataConfig
+    from fractal_mlops.engine.data import DeviceLoader, load_dataset
 
     data = load_dataset(DataConfig(name="digits"))
     loader = DeviceLoader(data.val_x[:n], data.val_y[:n], n, data.mean, data.std,
@@ -122,7 +122,7 @@ def test_a_logged_model_names_the_packages_that_load_it(tmp_path, monkeypatch, i
     from helpers import Store
 
     import fractal_mlops
-    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.tracking.tracker import Tracker, configure
 
     if not installed:
         real = importlib.metadata.version

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import optuna
 from optuna.trial import TrialState
 
-from fractal_mlops.claims import claim_next, grid_sampler
-from fractal_mlops.storage import claim_lock, open_storage, resolve_storage
+from fractal_mlops.search.claims import claim_next, grid_sampler
+from fractal_mlops.stores.optuna_storage import claim_lock, open_storage, resolve_storage
 
 
 def main(storage: str, study_name: str, n_points: int, seed: int) -> None:

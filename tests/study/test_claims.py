@@ -59,7 +59,7 @@ def test_claimed_points_count_as_visited_by_optunas_grid_sampler(tmp_path):
 
     import optuna
 
-    from fractal_mlops.claims import claim_next, grid_sampler
+    from fractal_mlops.search.claims import claim_next, grid_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     variants = [SimpleNamespace(name=f"v{i}") for i in range(8)]

@@ -14,7 +14,7 @@ import pytest
 from helpers import StudyDir, write_config
 from servers import mlflow_server
 
-from fractal_mlops.urls import move_http_credentials, redact
+from fractal_mlops.stores.credentials import move_http_credentials, redact
 
 SECRET = "Zq9-s3cr3t-Xy"
 
@@ -137,7 +137,7 @@ def test_http_tracking_uri_with_user_and_password_works_and_is_never_shown(tmp_p
 
 
 def test_unexpected_crash_traceback_is_redacted(tmp_path):
-    code = ("from fractal_mlops.urls import install_redaction; install_redaction(); "
+    code = ("from fractal_mlops.stores.credentials import install_redaction; install_redaction(); "
             f"raise RuntimeError('cannot open postgresql://u:{SECRET}@h/db')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, timeout=60)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import StudyDir, assert_refused, write_config
 
-from fractal_mlops.repair import repair_journal, scan_journal
+from fractal_mlops.stores.repair import repair_journal, scan_journal
 
 
 def one_trial(study: StudyDir, config: Path):

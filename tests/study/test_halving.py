@@ -11,8 +11,8 @@ import time
 import pytest
 from helpers import StudyDir, write_config
 
-from fractal_mlops.halving import Rung, planned_epochs, rung_plan
-from fractal_mlops.sections import SearchConfig
+from fractal_mlops.config.sections import SearchConfig
+from fractal_mlops.search.halving import Rung, planned_epochs, rung_plan
 
 # 3 columns x 3 unit orders = 9 points; rungs: 9 points x 1 epoch, then the best 3 x 3 epochs
 NINE_POINTS = {"blocks": [1], "columns": [1, 2, 3], "width": [16],
@@ -47,10 +47,10 @@ def test_a_resumed_rung_trains_the_epochs_of_an_unbroken_run():
 
     import torch
 
-    from fractal_mlops.config import parse_config
-    from fractal_mlops.data import load_dataset
-    from fractal_mlops.space import grid
-    from fractal_mlops.train import Trainer
+    from fractal_mlops.config.experiment import parse_config
+    from fractal_mlops.config.space import grid
+    from fractal_mlops.engine.data import load_dataset
+    from fractal_mlops.engine.train import Trainer
 
     config = parse_config({"training": {"epochs": 3, "lr": 0.1},
                            "space": {"blocks": [1], "columns": [2], "width": [8]}})
@@ -72,8 +72,8 @@ def test_a_resumed_rung_trains_the_epochs_of_an_unbroken_run():
 def check_halved_study(study: StudyDir, name: str) -> dict:
     """Every point exactly once, the rung-1 losers PRUNED by halving with their rank, the best 3
     COMPLETE, each run's epochs logged once and no run left open. Returns trials by variant."""
-    from fractal_mlops.config import load_config
-    from fractal_mlops.space import grid
+    from fractal_mlops.config.experiment import load_config
+    from fractal_mlops.config.space import grid
 
     variants = {v.name for v in grid(load_config(str(study.root / f"{name}.yaml")))}
     trials = study.optuna_trials(name)

@@ -17,14 +17,15 @@ def worker(request, study_dir: StudyDir):
     Optuna's storage: the default journal file, or (parametrized "sqlite") a SQLite database."""
     import torch
 
-    from fractal_mlops.console import StudyProgress, make_console
-    from fractal_mlops.data import load_dataset
+    from fractal_mlops.cli import make_console
+    from fractal_mlops.config.space import grid
+    from fractal_mlops.engine.data import load_dataset
+    from fractal_mlops.search.progress import StudyProgress
+    from fractal_mlops.search.settings import TrialContext
+    from fractal_mlops.search.worker import open_stores
     from fractal_mlops.signals import InterruptGuard
-    from fractal_mlops.space import grid
     from fractal_mlops.study import build_parser, resolve_settings
-    from fractal_mlops.study_loop import open_stores
-    from fractal_mlops.tracking import configure
-    from fractal_mlops.trial import TrialContext
+    from fractal_mlops.tracking.tracker import configure
 
     if request.param == "sqlite":
         study_dir.storage = f"sqlite:///{study_dir.root / 'optuna.db'}"
@@ -61,7 +62,7 @@ def interrupt_during(tracker, method: str) -> None:
 
 
 def test_ctrl_c_while_the_run_starts_closes_it_as_interrupted(worker, study_dir: StudyDir):
-    from fractal_mlops.trial import claim_and_run
+    from fractal_mlops.search.trial import claim_and_run
 
     context, progress = worker
     interrupt_during(context.tracker, "start_trial")
@@ -75,7 +76,7 @@ def test_ctrl_c_while_the_run_starts_closes_it_as_interrupted(worker, study_dir:
 
 
 def test_ctrl_c_while_the_run_closes_keeps_the_finished_trial(worker, study_dir: StudyDir):
-    from fractal_mlops.trial import claim_and_run
+    from fractal_mlops.search.trial import claim_and_run
 
     context, progress = worker
     interrupt_during(context.tracker, "finish_trial")
@@ -94,7 +95,7 @@ def test_ctrl_c_inside_an_epochs_optuna_write_on_sqlite_lands_once_it_is_written
     """A KeyboardInterrupt inside a SQLite write can leave its connection holding the write
     lock, so that closing the trial finds the database locked. The epoch's report to Optuna
     waits for its write; then the trial closes interrupted in both stores."""
-    from fractal_mlops.trial import claim_and_run
+    from fractal_mlops.search.trial import claim_and_run
 
     context, progress = worker
     storage = context.study._storage

@@ -13,7 +13,7 @@ import pytest
 from helpers import StudyDir, finished_points, write_config
 from servers import mlflow_server
 
-from fractal_mlops.outage import HTTP_BOUNDS
+from fractal_mlops.stores.outage import HTTP_BOUNDS
 
 
 def server_group(port: str) -> int:

@@ -12,8 +12,10 @@ from optuna.distributions import CategoricalDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState as OptunaState
 
-from fractal_mlops.claims import finished_points
-from fractal_mlops.outcome import (
+from fractal_mlops.errors import TrialStopped
+from fractal_mlops.search.claims import finished_points
+from fractal_mlops.search.outcome import final_failures, outcome_of
+from fractal_mlops.tracking.states import (
     CUDA_FAILED,
     CUDA_OOM,
     INTERRUPTED,
@@ -22,10 +24,7 @@ from fractal_mlops.outcome import (
     TRACKING_FAILED,
     WORKER_LOST,
     TrialState,
-    final_failures,
-    outcome_of,
 )
-from fractal_mlops.runner import TrialStopped
 
 
 def test_a_trial_that_ran_to_the_end_is_complete():

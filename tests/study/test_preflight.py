@@ -11,9 +11,9 @@ import pytest
 import yaml
 from helpers import StudyDir, assert_refused, image_folder, write_config
 
-from fractal_mlops.config import load_config
+from fractal_mlops.config.experiment import load_config
 from fractal_mlops.errors import ConfigError
-from fractal_mlops.preflight import check_workers, usable_cores
+from fractal_mlops.search.preflight import check_workers, usable_cores
 
 
 def written(root: Path) -> list[str]:

@@ -23,10 +23,15 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
 
     import optuna
 
-    from fractal_mlops.claims import recover_lost_trials
-    from fractal_mlops.storage import HEARTBEAT_GRACE, open_storage, resolve_storage, worker_identity
-    from fractal_mlops.tracking import Tracker, configure
-    from fractal_mlops.ui import ROLE
+    from fractal_mlops.search.claims import recover_lost_trials
+    from fractal_mlops.stores.optuna_storage import (
+        HEARTBEAT_GRACE,
+        open_storage,
+        resolve_storage,
+        worker_identity,
+    )
+    from fractal_mlops.tracking.tracker import Tracker, configure
+    from fractal_mlops.tracking.ui import ROLE
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None))
@@ -69,7 +74,7 @@ def test_a_worker_taken_for_lost_drops_that_trial_and_carries_on(study_dir: Stud
     the dropped trial is closed."""
     import optuna
 
-    from fractal_mlops import optuna_trials
+    from fractal_mlops.stores import optuna_trials
 
     config = write_config(study_dir.root / "tiny.yaml", study_name="taken", **LONG_TRIAL)
     proc = study_dir.popen("--config", str(config), *study_dir.args())
@@ -145,8 +150,8 @@ def test_the_heartbeat_refreshes_while_the_trial_runs(tmp_path, monkeypatch):
 
     import optuna
 
-    from fractal_mlops.claims import Heartbeat
-    from fractal_mlops.storage import open_storage, resolve_storage
+    from fractal_mlops.search.claims import Heartbeat
+    from fractal_mlops.stores.optuna_storage import open_storage, resolve_storage
 
     monkeypatch.setenv("FRACTAL_HEARTBEAT_SECONDS", "0.1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -188,8 +193,8 @@ def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyD
     import sys
     import time
 
-    from fractal_mlops.claims import recover_lost_trials
-    from fractal_mlops.tracking import Tracker, configure
+    from fractal_mlops.search.claims import recover_lost_trials
+    from fractal_mlops.tracking.tracker import Tracker, configure
 
     config = write_config(study_dir.root / "far.yaml", study_name="far",
                           space={"blocks": [1], "columns": [2], "width": [8],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import StudyDir, assert_refused, write_config
 
-from fractal_mlops.config import DIMENSIONS
+from fractal_mlops.config.experiment import DIMENSIONS
 
 EXPERIMENT = "report-tiny"
 # 4 variants, 2 epochs: the sigmoid net without a norm stays at chance and is PRUNED.
@@ -230,7 +230,7 @@ def test_dimension_effects_compare_each_value_with_its_own_counterparts():
     """The grid ties some values to others (recursive sharing only with 3+ columns; drop-path
     "none" only with one column): each dimension's panel keeps only the variants whose other
     settings occur with another value of it, and leaves out a dimension with no such pairs."""
-    from fractal_mlops.report_data import TrialRecord, matched
+    from fractal_mlops.reporting.data import TrialRecord, matched
 
     def trial(columns: int, sharing: str, unit: str) -> TrialRecord:
         dims = {"columns": str(columns), "weight_sharing": sharing, "unit": unit,

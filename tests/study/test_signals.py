@@ -118,7 +118,7 @@ def test_a_ctrl_c_during_a_sqlite_write_lands_once_the_write_is_done(tmp_path):
     """A KeyboardInterrupt inside a SQLite write would leave its connection holding the write
     lock, and the process's next write (closing the run KILLED) would find the database
     locked. Inside sqlite_lock the signal waits for the write, then interrupts as before."""
-    from fractal_mlops.stores import sqlite_lock
+    from fractal_mlops.stores.locations import sqlite_lock
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     written = []
@@ -142,9 +142,8 @@ def test_a_ctrl_c_during_a_sqlite_write_lands_once_the_write_is_done(tmp_path):
 
 
 def test_a_stop_signal_during_a_sqlite_write_still_reaches_the_studys_guard(tmp_path):
-    from fractal_mlops.signals import InterruptGuard
-    from fractal_mlops.stores import sqlite_lock
-    from fractal_mlops.workers import STOP_SIGNALS, Stopped
+    from fractal_mlops.signals import STOP_SIGNALS, InterruptGuard, Stopped
+    from fractal_mlops.stores.locations import sqlite_lock
 
     saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:

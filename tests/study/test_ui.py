@@ -8,7 +8,7 @@ import re
 import pytest
 from helpers import StudyDir, write_config
 
-from fractal_mlops.ui import model_name, trial_description, ui_lines
+from fractal_mlops.tracking.ui import model_name, trial_description, ui_lines
 
 STUDY = "ui-study"
 

@@ -1,0 +1,147 @@
+"""Claiming grid points among workers, and telling live workers from lost ones.
+
+A worker claims the next pending point under the study-wide claim lock (storage.claim_lock):
+one storage call creates its trial RUNNING with the point, the worker's identity and a first
+heartbeat. While the trial trains, a thread refreshes the heartbeat. A RUNNING trial whose
+worker is gone (its process, on this host; its heartbeat, elsewhere) is marked FAIL
+"worker lost" by the next worker that claims, so its point becomes pending again.
+
+Optuna keeps no public API for creating a trial with its state and attributes in one call or
+for writing an attribute of a trial by ID from another thread: optuna_trials has those calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from fractal_mlops.config.space import Variant
+from fractal_mlops.search.outcome import final_failures
+from fractal_mlops.stores import optuna_trials
+from fractal_mlops.stores.optuna_storage import heartbeat_settings, worker_identity, worker_is_gone
+from fractal_mlops.tracking.states import WORKER_LOST
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from fractal_mlops.tracking.tracker import Tracker
+
+
+def grid_sampler():
+    import optuna
+
+    class ClaimedGridSampler(optuna.samplers.GridSampler):
+        """Optuna's GridSampler over the variant names. Points are claimed by `claim_next`
+        under the study's lock, so it never picks one itself, and it leaves stopping to the
+        worker loop (its own `study.stop()` only works inside `study.optimize`)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return ClaimedGridSampler
+
+
+def finished_points(trials: list[FrozenTrial]) -> set[str]:
+    """Variants that have their final COMPLETE / PRUNED / FAIL trial."""
+    from optuna.trial import TrialState
+
+    return final_failures(trials) | {t.params["variant"] for t in trials if "variant" in t.params
+                                     and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
+def points_done(study: optuna.Study) -> int:
+    return len(finished_points(study.get_trials(deepcopy=False)))
+
+
+def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Variant, int] | None:
+    """Create the trial of the next pending grid point (call under the claim lock)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    # One read of the trials: another worker's trial that finishes meanwhile is seen either
+    # RUNNING or finished, never neither (two reads once let its point be claimed again).
+    trials = study.get_trials(deepcopy=False)
+    taken = finished_points(trials) | {
+        t.params["variant"] for t in trials if t.state == TrialState.RUNNING and "variant" in t.params}
+    pending = [v for v in variants if v.name not in taken]
+    if not pending:
+        return None
+    choice = pending[0]
+    # One storage call creates the trial RUNNING with its point, owner and the GridSampler's
+    # bookkeeping (grid_id: the sampler sees the point as visited and never picks one itself).
+    # No WAITING trial and no queue in between that another worker could pop.
+    names = [v.name for v in variants]
+    template = optuna.trial.FrozenTrial(
+        number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
+        datetime_start=datetime.now(), datetime_complete=None,
+        params={"variant": choice.name}, distributions={"variant": CategoricalDistribution(names)},
+        user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time()},
+        system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
+        intermediate_values={})
+    trial = optuna_trials.create(study, template)
+    position = len(variants) - len(pending) + 1
+    return trial, choice, position
+
+
+def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Mark RUNNING trials whose worker is gone FAIL ("worker lost"), close their MLflow runs."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
+            continue
+        try:
+            optuna_trials.set_attr(study, t, "reason", WORKER_LOST)
+            study.tell(t.number, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # its worker finished it after all
+            continue
+        lost.append(t.number)
+    if lost:
+        close_orphaned_runs(study, tracker)
+    return lost
+
+
+def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """Close RUNNING trial runs whose Optuna trial has finished: their worker was lost, or a
+    tracking outage stopped it before MLflow heard the end. Found by tags, so that a worker
+    killed before it recorded its run ID is covered too."""
+    finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    for run_id, number in tracker.running_trial_runs(study.study_name):
+        if number in finished:
+            reason = finished[number].user_attrs.get("reason") or "finished while unrecorded"
+            tracker.finish_trial(run_id, "FAIL", reason, status="KILLED")
+
+
+class Heartbeat:
+    """Refreshes the trial's `heartbeat` user attr, so workers on other hosts see it alive."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        args=(study, optuna_trials.trial_id(trial)))
+
+    def _beat(self, study: optuna.Study, trial_id: int) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        interval = heartbeat_settings()[0]
+        while not self._stop.wait(interval):
+            try:
+                optuna_trials.set_attr(study, trial_id, "heartbeat", time.time())
+            except UpdateFinishedTrialError:  # finished, or declared lost by another worker
+                return
+            except Exception:  # noqa: BLE001 - the store hiccuped: beat again next time
+                continue
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

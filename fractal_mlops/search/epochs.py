@@ -1,0 +1,149 @@
+"""Train one variant into one MLflow run: the per-epoch loop that the study and reproduce share.
+
+    results = TrialResults()
+    try:
+        train_and_log(tracker, run_id, variant, data, config, device, results, on_epoch=hook)
+        state, reason = "COMPLETE", None
+    except TrialStopped as stopped:        # non-finite loss, divergence, or the hook said stop
+        state, reason = "PRUNED", str(stopped)
+    tracker.finish_trial(run_id, state, reason, results.metrics())
+
+Each epoch is logged (step = epoch) before anything decides to stop, so a stopped run keeps the
+epochs it trained. The divergence check is a function of the config and the metrics only, so a
+re-run of the same trial stops at the same epoch. Knows nothing of Optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fractal_mlops.errors import TrialStopped
+
+if TYPE_CHECKING:
+    import torch
+
+    from fractal_mlops.config.experiment import ExperimentConfig
+    from fractal_mlops.config.sections import PruningConfig
+    from fractal_mlops.config.space import Variant
+    from fractal_mlops.engine.data import Dataset
+    from fractal_mlops.engine.train import EpochResult, Trainer
+    from fractal_mlops.tracking.tracker import Tracker
+
+# The anytime curve of a COMPLETE trial: threshold, accuracy, compute_fraction, halted_column_<k>
+ANYTIME_ARTIFACT = "anytime.csv"
+
+# Called after each logged epoch; returns a reason to stop (PRUNED) or None to go on.
+EpochHook = Callable[["EpochResult"], "str | None"]
+
+
+def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, device: str,
+                 threads: int) -> dict[str, Any]:
+    """The trial's MLflow params: every dimension, the training settings, the variant name,
+    the normalization the logged model expects its inputs to have had, and the runtime
+    (device.runtime_params)."""
+    import torch
+
+    from fractal_mlops.engine.device import runtime_params
+
+    params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
+    params.update(config.to_dict()["training"], compile=config.training.compile)
+    params["halting_threshold"] = config.evaluation.halting_threshold
+    params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
+                  data_mean=_rounded(data.mean), data_std=_rounded(data.std))
+    params.update(runtime_params(torch.device(device), config.training.amp))
+    return params
+
+
+def _rounded(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:.6g}" for v in values)
+
+
+def trial_config_yaml(variant: Variant, config: ExperimentConfig) -> str:
+    import yaml
+
+    resolved = config.to_dict()
+    resolved["space"] = {k: [v] for k, v in variant.to_dict().items() if k != "name"}
+    resolved["variant"] = variant.to_dict()
+    return yaml.safe_dump(resolved, sort_keys=False)
+
+
+@dataclass
+class TrialResults:
+    """What a trial produced so far (kept when it stops early)."""
+
+    final: dict[str, float] | None = None
+    last_val_acc: float | None = None
+    best_val_acc: float | None = None
+    param_count: int | None = None
+    train_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.final or {})
+        for key in ("best_val_acc", "param_count", "train_seconds"):
+            value = getattr(self, key)
+            if value is not None:
+                out.setdefault(key, value)
+        return out
+
+
+def divergence_reason(val_acc: float, epoch: int, chance: float,
+                      pruning: PruningConfig) -> str | None:
+    if epoch <= pruning.warmup_epochs:
+        return None
+    if val_acc <= chance + pruning.chance_margin:
+        return (f"diverged: val_acc {val_acc:.3f} at epoch {epoch} is within "
+                f"{pruning.chance_margin:g} of chance ({chance:.3f})")
+    return None
+
+
+def record_epoch(tracker: Tracker, run_id: str, result: EpochResult, results: TrialResults,
+                 train_seconds: float) -> None:
+    """Log one epoch and keep what the trial has produced; a non-finite loss stops it."""
+    tracker.log_epoch(run_id, result)
+    results.train_seconds = train_seconds
+    if result.stop_reason:
+        raise TrialStopped(result.stop_reason)
+    results.last_val_acc = result.val_acc
+    results.best_val_acc = max(result.val_acc, results.best_val_acc or 0.0)
+
+
+def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
+                  config: ExperimentConfig, device: torch.device, results: TrialResults,
+                  on_epoch: EpochHook | None = None) -> None:
+    """Train `variant` and log every epoch, the final metrics' inputs, the anytime curve
+    (confidence-halted inference at `evaluation.halting_threshold`) and the model to `run_id`.
+
+    Raises TrialStopped (after logging that epoch) on a non-finite loss, on divergence, or when
+    `on_epoch` returns a reason. On success `results.final` holds the final metrics; the caller
+    closes the run with `tracker.finish_trial(run_id, ..., results.metrics())`.
+    """
+    from fractal_mlops.engine.train import Trainer
+
+    trainer = Trainer(variant.to_dict(), data, config.training, device,
+                      flip=config.data.use_flip)
+    results.param_count = trainer.param_count
+    chance = 1.0 / data.num_classes
+    for result in trainer.epochs():
+        record_epoch(tracker, run_id, result, results, trainer.train_seconds)
+        hook_reason = on_epoch(result) if on_epoch is not None else None
+        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
+        if reason or hook_reason:
+            raise TrialStopped(reason or hook_reason)
+    finish_training(tracker, run_id, trainer, data, config, results)
+
+
+def finish_training(tracker: Tracker, run_id: str, trainer: Trainer, data: Dataset,
+                    config: ExperimentConfig, results: TrialResults) -> None:
+    """A trial trained to its last epoch: final metrics (each column alone, halting at
+    `evaluation.halting_threshold`) into `results.final`, anytime.csv and the model logged."""
+    final = {"final_val_acc": results.last_val_acc, "best_val_acc": results.best_val_acc,
+             "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
+    threshold = config.evaluation.halting_threshold
+    column_accuracies, halting, curve = trainer.anytime(threshold)
+    final.update({f"val_acc_column_{k}": acc for k, acc in column_accuracies.items()})
+    final.update(halting_val_acc=halting.accuracy, halting_compute=halting.compute_fraction)
+    results.final = final
+    tracker.log_text(run_id, curve, ANYTIME_ARTIFACT)
+    tracker.log_model(run_id, trainer.model, tuple(data.train_x.shape[1:]), data.num_classes)

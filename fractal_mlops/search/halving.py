@@ -1,0 +1,269 @@
+"""Successive halving over the template grid (`search.mode: halving`), kept in the Optuna storage.
+
+Rung r trains its points up to min_epochs * reduction_factor**(r-1) epochs (the last rung: to
+training.epochs). When every point of rung r has finished it, its points are ranked by val_acc
+at the rung's last epoch (ties: grid order); the best 1/reduction_factor go on to rung r+1, the
+others end PRUNED, reason "halving: rung r (E epochs), rank K of N, kept the top M". The points
+of the last rung end COMPLETE. Ranking waits for the whole rung, so the result does not depend
+on the order in which workers happen to finish (unlike Optuna's asynchronous pruners).
+
+A grid point is one Optuna trial and one MLflow run for its whole life. Its state lives in the
+Optuna storage, so that workers on one host or several (PostgreSQL) share it and a kill -9
+loses nothing that was recorded:
+- trial state RUNNING while a worker trains it; WAITING between rungs, and after its worker was
+  lost or interrupted (it then resumes its rung); COMPLETE / PRUNED / FAIL at the end;
+- user attrs `rung` (the rung it is in), `rung_done` (the last rung it finished) and
+  `rung_<r>_val_acc` (its val_acc at the end of rung r);
+- moving a point WAITING -> RUNNING, and ranking a finished rung, happen under the study's claim
+  lock. A ranking is a function of recorded values only: one cut short by a kill is made again.
+
+At the end of each rung the model, optimizer and RNG state go to the run's artifact
+`halving/checkpoint.pt`; the next rung loads it and continues the same run, so no epoch is
+trained twice (only the unfinished part of a rung whose worker was lost is trained again, from
+the rung's start).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from fractal_mlops.stores import optuna_trials
+from fractal_mlops.stores.optuna_storage import claim_lock, worker_identity, worker_is_gone
+from fractal_mlops.tracking.states import WORKER_LOST
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from fractal_mlops.config.experiment import ExperimentConfig
+    from fractal_mlops.config.sections import SearchConfig
+    from fractal_mlops.config.space import Variant
+    from fractal_mlops.search.progress import StudyProgress
+    from fractal_mlops.search.settings import TrialContext
+
+WAIT_SECONDS = 1.0  # poll interval of a worker waiting for the rest of a rung
+
+
+@dataclass(frozen=True)
+class Rung:
+    number: int  # 1-based
+    epochs: int  # a point of this rung is trained up to this epoch
+    size: int  # points planned to enter it
+    keep: int  # points it sends on to the next rung (its size, for the last rung)
+
+
+def rung_plan(grid_size: int, search: SearchConfig, epochs: int) -> list[Rung]:
+    rungs: list[Rung] = []
+    size, rung_epochs = grid_size, min(search.min_epochs, epochs)
+    while rung_epochs < epochs:
+        keep = max(1, size // search.reduction_factor)
+        rungs.append(Rung(len(rungs) + 1, rung_epochs, size, keep))
+        size, rung_epochs = keep, min(rung_epochs * search.reduction_factor, epochs)
+    rungs.append(Rung(len(rungs) + 1, epochs, size, size))
+    return rungs
+
+
+def planned_epochs(plan: list[Rung]) -> int:
+    """Epochs a halved study trains when no point diverges (each epoch trained once)."""
+    return sum(r.size * (r.epochs - (plan[i - 1].epochs if i else 0)) for i, r in enumerate(plan))
+
+
+def describe_plan(config: ExperimentConfig, grid_size: int) -> str:
+    epochs = config.training.epochs
+    plan = rung_plan(grid_size, config.search, epochs)
+    spent = planned_epochs(plan)
+    return (f"halving: rungs (points x epochs) {', '.join(f'{r.size} x {r.epochs}' for r in plan)}"
+            f": {spent} epochs, {spent / (grid_size * epochs):.0%} of the full grid's "
+            f"{grid_size * epochs}")
+
+
+@dataclass
+class RungWork:
+    trial: Any  # optuna.Trial, RUNNING and owned by this worker
+    variant: Variant
+    rung: Rung
+    last_rung: bool
+
+
+# -- claiming (under the claim lock) ------------------------------------------------------------
+
+def next_work(ctx: TrialContext, progress: StudyProgress) -> RungWork | None:
+    """The next rung to train, waiting while the rest of a rung is still being trained by other
+    workers; None when the study is done. Returns with interrupts held (run_rung releases
+    them where it can record an interrupt), so a Ctrl-C never strands a claimed point."""
+    settings = ctx.settings
+    waiting_since = None
+    while True:
+        with ctx.interrupts.deferred():
+            with claim_lock(settings.storage, settings.study_name):
+                recover_lost(ctx.study, ctx.tracker)
+                work, running = _claim(ctx, progress)
+            if work is not None:
+                ctx.interrupts.hold()
+                return work
+        ctx.interrupts.raise_pending()
+        if not running:
+            return None
+        if waiting_since is None:
+            waiting_since = time.monotonic()
+            progress.console.print(f"{progress.prefix}waiting for {running} point(s) that other "
+                                   "workers train to the end of this rung")
+        time.sleep(WAIT_SECONDS)
+
+
+def _claim(ctx: TrialContext, progress: StudyProgress) -> tuple[RungWork | None, int]:
+    """(work, 0), or (None, number of points other workers are training), or (None, 0): done."""
+    from optuna.trial import TrialState
+
+    config = ctx.settings.config
+    plan = rung_plan(len(ctx.variants), config.search, config.training.epochs)
+    _rank_finished_rungs(ctx, plan, progress)
+    points = _current_trials(ctx.study.get_trials(deepcopy=False))
+    for variant in ctx.variants:
+        t = points.get(variant.name)
+        if t is None:
+            trial = _create_trial(ctx.study, ctx.variants, variant)
+            return RungWork(trial, variant, plan[0], len(plan) == 1), 0
+        if t.state == TrialState.WAITING and _done(t) < _rung(t):
+            trial = _take(ctx.study, t)
+            if trial is not None:
+                return RungWork(trial, variant, plan[_rung(t) - 1], _rung(t) == len(plan)), 0
+    running = sum(t.state == TrialState.RUNNING for t in points.values())
+    if not running and any(t.state == TrialState.WAITING for t in points.values()):
+        raise RuntimeError("halving: points wait for a rung that nobody trains (a bug)")
+    return None, running
+
+
+def _rung(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("rung", 1))
+
+
+def _done(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("rung_done", 0))
+
+
+def _current_trials(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
+    """Each started point's trial (a FAIL that the grid mode would retry does not count)."""
+    from optuna.trial import TrialState
+
+    from fractal_mlops.search.outcome import final_failures
+    from fractal_mlops.tracking.states import RETRYABLE
+
+    final = final_failures(trials)
+    points: dict[str, FrozenTrial] = {}
+    for t in trials:
+        if (t.state == TrialState.FAIL and t.user_attrs.get("reason") in RETRYABLE
+                and t.params.get("variant") not in final):
+            continue
+        if "variant" in t.params:
+            points[t.params["variant"]] = t
+    return points
+
+
+def _rank_finished_rungs(ctx: TrialContext, plan: list[Rung],
+                         progress: StudyProgress) -> None:
+    """Promote the best of each rung that all its points have finished; prune the rest."""
+    from optuna.trial import TrialState
+
+    points = _current_trials(ctx.study.get_trials(deepcopy=False))
+    if len(points) < len(ctx.variants):
+        return  # some points have not even started the first rung
+    order = {v.name: i for i, v in enumerate(ctx.variants)}
+    for rung in plan[:-1]:
+        members = [t for t in points.values() if _rung(t) >= rung.number]
+        if any(_rung(t) == rung.number and not t.state.is_finished() and _done(t) < rung.number
+               for t in members):
+            return  # the rung is still being trained
+        key = f"rung_{rung.number}_val_acc"
+        ranked = sorted((t for t in members if key in t.user_attrs),
+                        key=lambda t: (-t.user_attrs[key], order[t.params["variant"]]))
+        for rank, t in enumerate(ranked, 1):
+            if t.state != TrialState.WAITING or _rung(t) != rung.number:
+                continue  # already decided
+            if rank <= rung.keep:
+                optuna_trials.set_attr(ctx.study, t, "rung", rung.number + 1)
+            else:
+                reason = (f"halving: rung {rung.number} ({_epochs(rung.epochs)}), rank {rank} "
+                          f"of {len(ranked)}, kept the top {rung.keep}")
+                _prune(ctx, t, reason, t.user_attrs[key])
+                progress.trial_done(finished_points(ctx.study), t.number, t.params["variant"],
+                                    "PRUNED", t.user_attrs[key], reason)
+        points = _current_trials(ctx.study.get_trials(deepcopy=False))
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def finished_points(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in _current_trials(study.get_trials(deepcopy=False))
+               .values())
+
+
+def _prune(ctx: TrialContext, t: FrozenTrial, reason: str, value: float) -> None:
+    """MLflow first, then Optuna: a kill in between leaves the point WAITING, ranked again."""
+    from optuna.trial import TrialState
+
+    run_id = t.user_attrs.get("mlflow_run_id")
+    if run_id:
+        metrics = {k: t.user_attrs[k] for k in ("best_val_acc", "param_count", "train_seconds")
+                   if k in t.user_attrs}
+        ctx.tracker.finish_trial(run_id, "PRUNED", reason, metrics)
+    optuna_trials.set_attr(ctx.study, t, "reason", reason)
+    optuna_trials.set_state(ctx.study, t, TrialState.PRUNED, [value])
+
+
+def _create_trial(study: optuna.Study, variants: list[Variant], choice: Variant):
+    """A RUNNING trial for a point's first rung, created in one storage call (as claim_next)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    names = [v.name for v in variants]
+    template = optuna.trial.FrozenTrial(
+        number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
+        datetime_start=datetime.now(), datetime_complete=None,
+        params={"variant": choice.name}, distributions={"variant": CategoricalDistribution(names)},
+        user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time(),
+                    "rung": 1, "rung_done": 0},
+        system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
+        intermediate_values={})
+    return optuna_trials.create(study, template)
+
+
+def _take(study: optuna.Study, t: FrozenTrial):
+    """WAITING -> RUNNING for this worker (the storage refuses if another worker took it)."""
+    from optuna.trial import TrialState
+
+    optuna_trials.set_attr(study, t, "worker", worker_identity())
+    optuna_trials.set_attr(study, t, "heartbeat", time.time())
+    if not optuna_trials.set_state(study, t, TrialState.RUNNING):
+        return None
+    return optuna_trials.resume(study, t)
+
+
+def recover_lost(study: optuna.Study, tracker) -> list[int]:
+    """RUNNING points whose worker is gone go back to WAITING (they resume their rung from its
+    last checkpoint); their MLflow run waits too (SCHEDULED), an unrecorded one is closed."""
+    from optuna.trial import TrialState
+
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
+            optuna_trials.set_state(study, t, TrialState.WAITING)
+            lost.append(t.number)
+    if lost:
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for run_id, number in tracker.running_trial_runs(study.study_name):
+            t = trials.get(number)
+            if t is None or t.state != TrialState.WAITING:
+                continue
+            if t.user_attrs.get("mlflow_run_id") == run_id:
+                tracker.client.update_run(run_id, status="SCHEDULED")
+            else:  # created by a worker killed before it recorded the run's ID
+                tracker.finish_trial(run_id, "FAIL", WORKER_LOST, status="KILLED")
+    return lost
+

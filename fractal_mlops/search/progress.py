@@ -1,0 +1,117 @@
+"""What the study shows a person: rich progress while it runs, a leaderboard when it ends."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from fractal_mlops.tracking.states import RETRYABLE, TrialState
+
+
+class StudyProgress:
+    """Grid position, variant, epoch, val acc and time left, on one live display.
+
+    With `live=False` (a worker among several, or output that is not a terminal) it prints one
+    line per finished trial instead.
+    """
+
+    def __init__(self, console: Console, grid_size: int, done: int, epochs: int,
+                 live: bool | None = None, prefix: str = "") -> None:
+        self.console = console
+        self.epochs = epochs
+        self.prefix = prefix
+        self.live = console.is_terminal if live is None else live
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+            TextColumn("left"), TimeRemainingColumn(), console=console,
+            disable=not self.live, transient=False,
+        )
+        self.grid_task = self.progress.add_task("grid", total=grid_size, completed=done,
+                                                detail="")
+        self.trial_task = self.progress.add_task("trial", total=epochs, detail="", visible=False)
+
+    def __enter__(self) -> StudyProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def trial_started(self, position: int, grid_size: int, trial_number: int, variant: str) -> None:
+        self.progress.reset(self.trial_task, total=self.epochs, visible=True,
+                            description=f"[{position}/{grid_size}] trial {trial_number}",
+                            detail=variant)
+
+    def epoch_done(self, epoch: int, val_acc: float, variant: str) -> None:
+        self.progress.update(self.trial_task, completed=epoch,
+                             detail=f"{variant}  epoch {epoch}/{self.epochs}  val_acc {val_acc:.3f}")
+
+    def trial_done(self, done: int, trial_number: int, variant: str, state: str,
+                   value: float | None, reason: str | None) -> None:
+        self.progress.update(self.grid_task, completed=done)
+        self.progress.update(self.trial_task, visible=False)
+        style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "cyan")
+        shown = f"val_acc {value:.3f}" if value is not None else ""
+        why = f"  ({escape(reason)})" if reason and state != "COMPLETE" else ""
+        self.console.print(f"{self.prefix}trial {trial_number:>4} [{style}]{state:<8}[/] "
+                           f"{escape(variant)}  {shown}{why}")
+
+
+@dataclass
+class TrialRow:
+    number: int
+    variant: str
+    state: str
+    value: float | None
+    params: int | None
+    seconds: float | None
+    reason: str | None
+
+
+def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_size: int,
+                wall_seconds: float, ui_command: str, top: int = 10) -> None:
+    complete = sorted((r for r in rows if r.state == "COMPLETE"),
+                      key=lambda r: (-(r.value or 0.0), r.params or 0))
+    table = Table(title=f"{study_name}: top {min(top, len(complete))} of {len(complete)} "
+                        "complete variants", title_justify="left")
+    for name, justify in [("#", "right"), ("trial", "right"), ("variant", "left"),
+                          ("val_acc", "right"), ("params", "right"), ("seconds", "right")]:
+        table.add_column(name, justify=justify)
+    for rank, row in enumerate(complete[:top], 1):
+        table.add_row(str(rank), str(row.number), row.variant, f"{row.value:.4f}",
+                      f"{row.params:,}" if row.params else "-",
+                      f"{row.seconds:.1f}" if row.seconds else "-")
+    console.print(table)
+    counts = {state: sum(r.state == state for r in rows) for state in TrialState}
+    finished_points = len({r.variant for r in rows if r.state in counts and r.reason not in
+                           RETRYABLE})
+    trial_seconds = sum(r.seconds or 0.0 for r in rows)
+    console.print(
+        f"grid {finished_points}/{grid_size} done: [green]{counts['COMPLETE']} COMPLETE[/], "
+        f"[yellow]{counts['PRUNED']} PRUNED[/], [red]{counts['FAIL']} FAIL[/]; "
+        f"{trial_seconds:.0f} s in trials, {wall_seconds:.0f} s this run"
+    )
+    pruned = [r for r in rows if r.state == "PRUNED"][:5]
+    for row in pruned:
+        console.print(f"  pruned: trial {row.number} {escape(row.variant)}: "
+                      f"{escape(row.reason or '')}")
+    console.print(f"Compare the trials in the MLflow UI (start it, then open the URL):\n  {ui_command}")
+
+
+def worker_prefix() -> str:
+    """Rich markup (escaped) that tells the lines of several workers apart."""
+    index = os.environ.get("FRACTAL_WORKER_INDEX")
+    return escape(f"[worker {index}] ") if index else ""

@@ -1,0 +1,203 @@
+"""One trial of the grid: claim a point, train it, record how it ended in both stores.
+
+The order keeps every ending recoverable: the trial is claimed and its run started with
+interrupts held; training ends in an exception or not, `outcome.outcome_of` says what that
+means, the MLflow run is closed first and Optuna told second (a crash in between is recovered
+by the next run), and only then may an interrupt or a store outage stop the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import TYPE_CHECKING, NoReturn
+
+from fractal_mlops.config.space import Variant
+from fractal_mlops.errors import StopWorker, TrialStopped, is_outage, one_line
+from fractal_mlops.search.claims import Heartbeat, claim_next, points_done, recover_lost_trials
+from fractal_mlops.search.epochs import TrialResults, train_and_log, trial_config_yaml, trial_params
+from fractal_mlops.search.outcome import Outcome, outcome_of
+from fractal_mlops.search.settings import TrialContext
+from fractal_mlops.stores.credentials import redact
+from fractal_mlops.stores.locations import sqlite_lock
+from fractal_mlops.stores.optuna_storage import claim_lock
+from fractal_mlops.tracking.states import CUDA_FAILED, STORAGE_FAILED, TRACKING_FAILED, TrialState
+
+if TYPE_CHECKING:
+    from fractal_mlops.search.progress import StudyProgress
+
+
+PENDING = "its grid point stays pending and is trained then"
+
+
+def claim_and_run(ctx: TrialContext, progress: StudyProgress) -> bool:
+    """Claim the next pending grid point and train it; False when none is left.
+
+    Ctrl-C / SIGTERM wait from the claim until run_trial is ready to record them, so that an
+    interrupt never leaves a claimed trial or a started run behind unclosed.
+    """
+    settings = ctx.settings
+    ctx.interrupts.hold()  # released inside run_trial
+    try:
+        with claim_lock(settings.storage, settings.study_name):
+            recover_lost_trials(ctx.study, ctx.tracker)
+            claimed = claim_next(ctx.study, ctx.variants)
+        if claimed is not None:
+            trial, variant, position = claimed
+            progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
+            run_id = _start_run(ctx, trial, variant)
+    except BaseException:
+        ctx.interrupts.release(raise_pending=False)
+        raise
+    if claimed is None:
+        ctx.interrupts.release()
+        return False
+    run_trial(ctx, trial, variant, run_id, progress)
+    return True
+
+
+def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
+    import torch
+
+    config, run_id = ctx.settings.config, None
+    try:
+        run_id = ctx.tracker.start_trial(
+            ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
+            trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
+            trial_config_yaml(variant, config), config.sha256, ctx.data)
+        trial.set_user_attr("mlflow_run_id", run_id)
+    except Exception as exc:  # noqa: BLE001 - the trial cannot be recorded: stop here
+        outcome = outcome_of(exc)
+        if not outcome.stops_worker:  # MLflow refused the run: no trial can be recorded
+            outcome = Outcome(TrialState.FAIL, TRACKING_FAILED, killed=True, stops_worker=True)
+        _record_where_possible(ctx, trial, run_id, outcome, TrialResults())
+        stop_worker(trial.number, outcome, exc, PENDING)
+    return run_id
+
+
+def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
+              progress: StudyProgress) -> None:
+    """Train a claimed trial whose run has started, then record how it ended (outcome_of) in
+    both stores. Called with interrupts held (see claim_and_run): they are released where an
+    interrupt is recorded."""
+    results, error = TrialResults(), None
+    try:
+        ctx.interrupts.release()  # raises a Ctrl-C that came while the trial was claimed
+        with Heartbeat(ctx.study, trial):
+            train_and_track(ctx, trial, variant, run_id, results, progress)
+    except (Exception, KeyboardInterrupt) as exc:  # every ending is recorded, as outcome_of says
+        error = exc
+    outcome = outcome_of(error)
+    with ctx.interrupts.deferred():
+        if outcome.store_down:
+            _record_where_possible(ctx, trial, run_id, outcome, results)
+        else:
+            try:
+                record_end(ctx, trial, run_id, outcome, results)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                error, outcome = exc, outcome_of(exc)  # a store went away meanwhile
+                _record_where_possible(ctx, trial, run_id, outcome, results)
+    _release(ctx, error)
+    if outcome.stops_worker:
+        stop_worker(trial.number, outcome, error, PENDING)
+    progress.trial_done(points_done(ctx.study), trial.number, variant.name, outcome.state,
+                        results.last_val_acc, outcome.reason)
+    ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
+
+
+def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
+                    results: TrialResults, progress: StudyProgress) -> None:
+    """runner.train_and_log (shared with reproduce), plus Optuna's report and pruner."""
+    import optuna
+
+    config = ctx.settings.config
+
+    def on_epoch(result) -> str | None:
+        progress.epoch_done(result.epoch, result.val_acc, variant.name)
+        report_epoch(ctx, trial, result)
+        return pruner_reason(ctx, trial, result)
+
+    try:
+        train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, results,
+                      on_epoch=on_epoch)
+    except TrialStopped as stopped:
+        raise optuna.TrialPruned(str(stopped)) from None
+
+
+def report_epoch(ctx: TrialContext, trial, result) -> None:
+    """The epoch's val_acc to Optuna; on SQLite a Ctrl-C waits for the write (stores.sqlite_lock),
+    as MLflow's SQLite writes do."""
+    with sqlite_lock(ctx.settings.storage.location):
+        trial.report(result.val_acc, result.epoch)
+
+
+def pruner_reason(ctx: TrialContext, trial, result) -> str | None:
+    """Why Optuna's pruner stops the trial after this epoch, or None."""
+    if not trial.should_prune():
+        return None
+    return (f"{ctx.settings.config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
+            f"{result.epoch} is below the other trials'")
+
+
+def _release(ctx: TrialContext, error: BaseException | None) -> None:
+    """The trial's GPU memory goes back before the next trial (an error's traceback holds the
+    frames, and so the model and batches, of the trial that raised it)."""
+    from fractal_mlops.engine.device import release_memory
+
+    if error is not None:
+        error.__traceback__ = None
+    release_memory(ctx.device)
+
+
+def record_end(ctx: TrialContext, trial, run_id: str, outcome: Outcome,
+               results: TrialResults) -> None:
+    """Close the MLflow run first, then tell Optuna (a crash in between is recovered)."""
+    ctx.tracker.finish_trial(run_id, outcome.state, outcome.reason, results.metrics(),
+                             status=outcome.run_status)
+    _tell(ctx, trial, outcome, results)
+
+
+def _record_where_possible(ctx: TrialContext, trial, run_id: str, outcome: Outcome,
+                           results: TrialResults) -> None:
+    """A store went away: record the end in the store that still answers. An Optuna trial
+    left RUNNING is recovered by the next run; an MLflow run left RUNNING is closed by it."""
+    if run_id is not None:
+        with contextlib.suppress(Exception):
+            ctx.tracker.finish_trial(run_id, outcome.state, outcome.reason, results.metrics(),
+                                     status=outcome.run_status)
+    with contextlib.suppress(Exception):
+        _tell(ctx, trial, outcome, results)
+
+
+def _tell(ctx: TrialContext, trial, outcome: Outcome, results: TrialResults) -> None:
+    try:
+        if outcome.reason:
+            trial.set_user_attr("reason", redact(outcome.reason))
+        if results.param_count is not None:
+            trial.set_user_attr("param_count", results.param_count)
+        if outcome.state is TrialState.COMPLETE:
+            ctx.study.tell(trial, results.last_val_acc)
+        else:
+            ctx.study.tell(trial, state=outcome.state.optuna_state)
+    except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
+        print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
+
+
+def stop_worker(number: int, outcome: Outcome, error: BaseException | None,
+                then: str) -> NoReturn:
+    """The end is recorded; an interrupt, a store outage or a broken GPU now stops this worker,
+    rather than failing every remaining grid point against a dead store or CUDA context.
+    `then`: what becomes of the point when the same command runs again."""
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    if outcome.reason == CUDA_FAILED:
+        raise StopWorker(
+            f"the GPU failed in trial {number} ({one_line(error, 300)}): this process's CUDA "
+            "context is gone, so the worker stops; check the GPU (nvidia-smi), then run the "
+            f"same command again: {then}") from None
+    store = "the Optuna storage" if outcome.reason == STORAGE_FAILED else "the tracking store"
+    raise StopWorker(
+        f"{store} could not record trial {number} ({one_line(error, 300)}); run the same "
+        f"command again when {store} is back: {then}") from None

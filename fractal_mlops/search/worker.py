@@ -1,0 +1,170 @@
+"""The study's work after its command line is read: one worker's loop, the stores it opens, the
+closing leaderboard, and the launcher of several workers on this host.
+
+study.py parses and checks the input without importing torch, optuna or mlflow; it imports this
+module only once the input is good, so the heavy imports happen here, once, at the top.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import torch
+from rich.console import Console
+
+from fractal_mlops.config.space import Variant, grid
+from fractal_mlops.engine.data import load_dataset
+from fractal_mlops.engine.device import resolve_device
+from fractal_mlops.errors import ConfigError
+from fractal_mlops.search.claims import close_orphaned_runs, grid_sampler, points_done
+from fractal_mlops.search.halving import describe_plan
+from fractal_mlops.search.halving_trial import claim_and_run_rung
+from fractal_mlops.search.preflight import check_feasible
+from fractal_mlops.search.progress import StudyProgress, TrialRow, leaderboard, worker_prefix
+from fractal_mlops.search.settings import TrialContext
+from fractal_mlops.search.trial import claim_and_run
+from fractal_mlops.signals import InterruptGuard
+from fractal_mlops.stores.optuna_storage import claim_lock, open_storage
+from fractal_mlops.stores.repair import restart_study, trained_nothing
+from fractal_mlops.tracking.states import TrialState
+from fractal_mlops.tracking.tracker import Tracker
+from fractal_mlops.tracking.ui import ui_lines
+
+if TYPE_CHECKING:
+    from fractal_mlops.search.settings import StudySettings
+
+
+# -- one worker ----------------------------------------------------------------------------
+
+def run_worker(settings: StudySettings, console: Console, interrupts: InterruptGuard,
+               before_summary: Callable[[], None] = lambda: None) -> int:
+    """Train grid points until none is left (or --n-trials); `before_summary` runs before the
+    closing lines (the study command refreshes the report there)."""
+    config = settings.config
+    device = resolve_device(settings.device)
+    # on a GPU too: N workers that each start a thread pool over every core slow each other
+    torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
+    data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
+    variants = grid(config)
+    check_feasible(config, device, data, variants)
+
+    started_at = time.monotonic()
+    with interrupts.deferred():  # a Ctrl-C here would leave the study's run RUNNING
+        study, tracker, parent_run_id = open_stores(settings, variants)
+        close_orphaned_runs(study, tracker)
+    interrupts.raise_pending()
+
+    prefix = worker_prefix()
+    live = None if not prefix else False
+    done = points_done(study)
+    console.print(f"{prefix}study [bold]{settings.study_name}[/]: {len(variants)} variants on "
+                  f"{data.name} ({len(data.train_x)} train / {len(data.val_x)} val images), "
+                  f"{done} done, device {device.type}")
+    context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants,
+                           interrupts)
+    started = 0
+    halving = config.search.mode == "halving"
+    if halving:
+        console.print(f"{prefix}{describe_plan(config, len(variants))}")
+    with StudyProgress(console, len(variants), done, config.training.epochs, live=live,
+                       prefix=prefix) as progress:
+        while settings.n_trials is None or started < settings.n_trials:
+            if not (claim_and_run_rung if halving else claim_and_run)(context, progress):
+                break
+            started += 1
+    rows = _summary(study, tracker, parent_run_id, len(variants))
+    if not prefix:  # a worker among several leaves the report and leaderboard to its launcher
+        before_summary()
+        show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at,
+                         tracker.experiment_id)
+    return 0
+
+
+def open_stores(settings: StudySettings, variants: list[Variant]):
+    """The Optuna study, the MLflow experiment and the study's parent run, created once."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = settings.config
+    with claim_lock(settings.storage, settings.study_name):
+        # The study first: a config that does not match it is refused before the tracking
+        # store (a new --tracking-uri's database, say) is created.
+        study = _load_or_create_study(settings, variants)
+        tracker = Tracker(settings.tracking_uri, settings.study_name)
+        parent_run_id = tracker.study_run(
+            settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
+            _study_params(settings, variants), config.to_yaml(), config.sha256)
+        if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
+            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    return study, tracker, parent_run_id
+
+
+def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> optuna.Study:
+    config = settings.config
+    study = optuna.create_study(
+        storage=open_storage(settings.storage), study_name=settings.study_name,
+        direction="maximize", load_if_exists=True,
+        sampler=grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
+        pruner=_optuna_pruner(config.pruning.pruner),
+    )
+    recorded = study.user_attrs.get("config_sha256")
+    if recorded not in (None, config.sha256) and trained_nothing(study):
+        study = restart_study(study, lambda: _load_or_create_study(settings, variants))
+        recorded = study.user_attrs.get("config_sha256")
+    if recorded is None:
+        study.set_user_attr("config_sha256", config.sha256)
+        study.set_user_attr("grid_size", len(variants))
+    elif recorded != config.sha256:
+        raise ConfigError(f"study {settings.study_name!r} already exists with a different "
+                          "config and trained under it; pass another --study-name to start a "
+                          "new study")
+    return study
+
+
+def _optuna_pruner(name: str):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
+    config = settings.config
+    params: dict[str, Any] = {"grid_size": len(variants), "dataset": config.data.name,
+                              "storage": settings.storage.display,
+                              "config_source": config.source}
+    params.update({f"space.{k}": ",".join(map(str, v)) for k, v in config.space.items()})
+    params.update({f"training.{k}": v for k, v in config.to_dict()["training"].items()})
+    params.update({f"pruning.{k}": v for k, v in config.to_dict()["pruning"].items()})
+    params.update({f"search.{k}": v for k, v in config.to_dict().get("search", {}).items()})
+    return params
+
+
+# -- the end: leaderboard -------------------------------------------------------------------
+
+def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | None,
+             grid_size: int):
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append(TrialRow(t.number, t.user_attrs.get("variant", "?"), t.state.name, t.value
+                             if t.state.name == "COMPLETE" else None,
+                             t.user_attrs.get("param_count"), seconds, t.user_attrs.get("reason")))
+    if tracker is not None and parent_run_id:
+        counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
+                  for s in TrialState}
+        tracker.update_study_summary(parent_run_id, study.study_name, counts, grid_size,
+                                     points_done(study))
+    return rows
+
+
+def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
+                     wall_seconds: float, experiment_id: str) -> None:
+    leaderboard(console, settings.study_name, rows, grid_size, wall_seconds,
+                "\n  ".join(ui_lines(settings.tracking_uri, experiment_id)))

@@ -1,0 +1,2 @@
+"""Where the stores live: store URLs and files, the Optuna storage, credentials, outages and
+repair of damaged stores."""

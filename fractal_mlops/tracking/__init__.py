@@ -1,0 +1,1 @@
+"""Everything MLflow: the tracker, tag names, trial states, UI text, the registry and promotion."""
