@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -95,21 +96,25 @@ def error_line(message: str) -> None:
     print(f"error: {redact(message)}", file=sys.stderr)
 
 
-class _OneLineWarnings(logging.Handler):
-    """The package's warnings (logger `fractal_mlops.*`) as `warning: ...` lines on stderr."""
+class _OneLine(logging.Handler):
+    """The package's own log records (loggers `fractal_mlops.*`) as one line each on stderr:
+    `warning: ...` (or `note: ...` for INFO), led by `[worker N] ` in a worker among several."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"warning: {redact(record.getMessage())}", file=sys.stderr)
+        index = os.environ.get("FRACTAL_WORKER_INDEX")
+        prefix = f"[worker {index}] " if index else ""
+        kind = "note" if record.levelno < logging.WARNING else "warning"
+        print(f"{prefix}{kind}: {redact(record.getMessage())}", file=sys.stderr, flush=True)
 
 
 def setup_logging() -> None:
-    """Once per process, by each command's `main`: credentials redacted in every log line, and
-    the package's own warnings printed as one line each."""
+    """Once per process, by each command's `main`: credentials redacted in every log record,
+    and the package's own notes and warnings printed as one line each. Command results go to
+    stdout with print."""
     install_redaction()
     logger = logging.getLogger("fractal_mlops")
-    if not any(isinstance(h, _OneLineWarnings) for h in logger.handlers):
-        handler = _OneLineWarnings(logging.WARNING)
-        logger.addHandler(handler)
+    if not any(isinstance(h, _OneLine) for h in logger.handlers):
+        logger.addHandler(_OneLine(logging.INFO))
         logger.setLevel(logging.INFO)
         logger.propagate = False
 

@@ -4,16 +4,8 @@
 """
 
 from fractal_mlops.config.experiment import DIMENSIONS, ExperimentConfig, load_config, parse_config
-from fractal_mlops.config.sections import (
-    DataConfig,
-    EvaluationConfig,
-    PruningConfig,
-    RunConfig,
-    SearchConfig,
-    TrainConfig,
-)
+from fractal_mlops.config.sections import DataConfig, SearchConfig, TrainConfig
 from fractal_mlops.config.space import Variant, grid
 
-__all__ = ["DIMENSIONS", "DataConfig", "EvaluationConfig", "ExperimentConfig", "PruningConfig",
-           "RunConfig", "SearchConfig", "TrainConfig", "Variant", "grid", "load_config",
-           "parse_config"]
+__all__ = ["DIMENSIONS", "DataConfig", "ExperimentConfig", "SearchConfig", "TrainConfig", "Variant",
+           "grid", "load_config", "parse_config"]

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from fractal_mlops.config.experiment import DIMENSIONS
 from fractal_mlops.errors import ConfigError
 from fractal_mlops.stores.credentials import redact
-from fractal_mlops.tracking.ui import REASON, ROLE, STATE, VARIANT
+from fractal_mlops.tracking.names import REASON, ROLE, STATE, TRIAL_NUMBER, VARIANT
+from fractal_mlops.tracking.queries import role_query, search_all
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -84,7 +85,7 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
         known = [e.name for e in client.search_experiments()][:8]
         raise ConfigError(f"experiment {experiment_name!r} not found in {redact(tracking_uri)} "
                           f"(experiments there: {', '.join(known) or 'none'})")
-    runs = _search_all(client, experiment.experiment_id, f"tags.`{ROLE}` = 'trial'")
+    runs = search_all(client, experiment.experiment_id, role_query("trial"))
     if not runs:
         raise ConfigError(f"experiment {experiment_name!r} has no trial runs (tag {ROLE}=trial): "
                           "run its study first")
@@ -97,7 +98,7 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
                      is not None),
                     key=lambda t: (-t.metrics["final_val_acc"],
                                    t.metric("param_count") or math.inf, t.start_time))
-    parents = _search_all(client, experiment.experiment_id, f"tags.`{ROLE}` = 'study'")
+    parents = search_all(client, experiment.experiment_id, role_query("study"))
     parent = max(parents, key=lambda r: r.info.start_time) if parents else None
     grid_size = _grid_size(parent) or len({t.variant for t in trials})
     data = StudyData(experiment_name, tracking_uri, parent.info.run_id if parent else None,
@@ -138,21 +139,10 @@ def _dimensions() -> list[str]:
     return [*DIMENSIONS, *(d for d in ("weight_sharing",) if d not in DIMENSIONS)]
 
 
-def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _record(run: Run) -> TrialRecord:
     tags, params = run.data.tags, run.data.params
     state = tags.get(STATE) or ("RUNNING" if run.info.status == "RUNNING" else run.info.status)
-    number = tags.get("optuna.trial_number", "")
+    number = tags.get(TRIAL_NUMBER, "")
     return TrialRecord(
         run_id=run.info.run_id, variant=params.get("variant") or tags.get(VARIANT, "?"),
         state=state, reason=tags.get(REASON, ""),

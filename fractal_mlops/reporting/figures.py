@@ -171,20 +171,26 @@ def dimension_effects(data: StudyData) -> Figure | None:
     return fig
 
 
+def _per_trial_lines(rows: list, xlabel: str, title: str, markersize: int = 3) -> Figure:
+    """One line per top trial (rows of (rank, trial, [(x, val acc), ...])), in rank colors."""
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    for (rank, t, points), color in zip(rows, _colors(len(rows)), strict=True):
+        ax.plot([x for x, _ in points], [y for _, y in points], "-o", markersize=markersize,
+                color=color, label=_label(t, rank))
+    ax.set(xlabel=xlabel, ylabel="val acc", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
 def top_curves(data: StudyData) -> Figure | None:
     curves = [(t, data.histories.get(t.run_id)) for t in data.top]
     curves = [(rank, t, h) for rank, (t, h) in enumerate(curves, 1) if h]
     if not curves:
         return None
-    fig = _figure(8, 5)
-    ax = fig.subplots()
-    for (rank, t, history), color in zip(curves, _colors(len(curves)), strict=True):
-        ax.plot([s for s, _ in history], [v for _, v in history], "-o", markersize=3,
-                color=color, label=_label(t, rank))
-    ax.set(xlabel="epoch", ylabel="val acc", title=f"top {len(curves)}: val acc per epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    fig = _per_trial_lines(curves, "epoch", f"top {len(curves)}: val acc per epoch")
+    fig.axes[0].xaxis.get_major_locator().set_params(integer=True)
     return fig
 
 
@@ -197,18 +203,12 @@ def anytime_columns(data: StudyData) -> Figure | None:
             rows.append((rank, t, points))
     if not rows:
         return None
-    fig = _figure(8, 5)
-    ax = fig.subplots()
-    whole = data.max_columns + 1
-    for (rank, t, points), color in zip(rows, _colors(len(rows)), strict=True):
-        ax.plot([k for k, _ in points], [v for _, v in points], "-o", markersize=4,
-                color=color, label=_label(t, rank))
+    fig = _per_trial_lines(rows, "column k alone (1 = shallowest)",
+                           f"top {len(rows)}: anytime accuracy per column", markersize=4)
+    ax, whole = fig.axes[0], data.max_columns + 1
+    for (_, t, _), color in zip(rows, _colors(len(rows)), strict=True):
         ax.scatter([whole], [t.metrics["final_val_acc"]], marker="*", s=80, color=color)
     ax.set_xticks([*range(1, whole), whole], [*map(str, range(1, whole)), "whole"])
-    ax.set(xlabel="column k alone (1 = shallowest)", ylabel="val acc",
-           title=f"top {len(rows)}: anytime accuracy per column")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
@@ -217,16 +217,8 @@ def halting_curves(data: StudyData) -> Figure | None:
             if data.anytime.get(t.run_id)]
     if not rows:
         return None
-    fig = _figure(8, 5)
-    ax = fig.subplots()
-    for (rank, t, points), color in zip(rows, _colors(len(rows)), strict=True):
-        ax.plot([c for c, _ in points], [a for _, a in points], "-o", markersize=3,
-                color=color, label=_label(t, rank))
-    ax.set(xlabel="compute spent (fraction of the whole network)", ylabel="val acc",
-           title=f"top {len(rows)}: halting by confidence")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    return fig
+    return _per_trial_lines(rows, "compute spent (fraction of the whole network)",
+                            f"top {len(rows)}: halting by confidence")
 
 
 def state_counts(data: StudyData) -> Figure:

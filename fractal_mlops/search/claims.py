@@ -21,6 +21,8 @@ from fractal_mlops.config.space import Variant
 from fractal_mlops.search.outcome import final_failures
 from fractal_mlops.stores import optuna_trials
 from fractal_mlops.stores.optuna_storage import heartbeat_settings, worker_identity, worker_is_gone
+from fractal_mlops.tracking import states
+from fractal_mlops.tracking.names import HEARTBEAT_ATTR, REASON_ATTR, VARIANT_ATTR, WORKER_ATTR
 from fractal_mlops.tracking.states import WORKER_LOST
 
 if TYPE_CHECKING:
@@ -58,8 +60,6 @@ def points_done(study: optuna.Study) -> int:
 
 def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Variant, int] | None:
     """Create the trial of the next pending grid point (call under the claim lock)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
     # One read of the trials: another worker's trial that finishes meanwhile is seen either
@@ -71,20 +71,31 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
     if not pending:
         return None
     choice = pending[0]
-    # One storage call creates the trial RUNNING with its point, owner and the GridSampler's
-    # bookkeeping (grid_id: the sampler sees the point as visited and never picks one itself).
-    # No WAITING trial and no queue in between that another worker could pop.
+    trial = create_trial(study, variants, choice)
+    position = len(variants) - len(pending) + 1
+    return trial, choice, position
+
+
+def create_trial(study: optuna.Study, variants: list[Variant], choice: Variant,
+                 **user_attrs: Any) -> optuna.Trial:
+    """A RUNNING trial of `choice`, owned by this worker, in one storage call: its point, owner
+    and the GridSampler's bookkeeping (grid_id: the sampler sees the point as visited and never
+    picks one itself). No WAITING trial and no queue in between that another worker could pop."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
     names = [v.name for v in variants]
     template = optuna.trial.FrozenTrial(
         number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
         datetime_start=datetime.now(), datetime_complete=None,
-        params={"variant": choice.name}, distributions={"variant": CategoricalDistribution(names)},
-        user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time()},
-        system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
+        params={VARIANT_ATTR: choice.name},
+        distributions={VARIANT_ATTR: CategoricalDistribution(names)},
+        user_attrs={VARIANT_ATTR: choice.name, WORKER_ATTR: worker_identity(),
+                    HEARTBEAT_ATTR: time.time(), **user_attrs},
+        system_attrs={"search_space": {VARIANT_ATTR: names}, "grid_id": names.index(choice.name)},
         intermediate_values={})
-    trial = optuna_trials.create(study, template)
-    position = len(variants) - len(pending) + 1
-    return trial, choice, position
+    return optuna_trials.create(study, template)
 
 
 def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
@@ -94,10 +105,10 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
 
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
+        if not worker_is_gone(t.user_attrs.get(WORKER_ATTR), t.user_attrs.get(HEARTBEAT_ATTR)):
             continue
         try:
-            optuna_trials.set_attr(study, t, "reason", WORKER_LOST)
+            optuna_trials.set_attr(study, t, REASON_ATTR, WORKER_LOST)
             study.tell(t.number, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # its worker finished it after all
             continue
@@ -114,8 +125,9 @@ def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
     finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     for run_id, number in tracker.running_trial_runs(study.study_name):
         if number in finished:
-            reason = finished[number].user_attrs.get("reason") or "finished while unrecorded"
-            tracker.finish_trial(run_id, "FAIL", reason, status="KILLED")
+            reason = finished[number].user_attrs.get(REASON_ATTR) or "finished while unrecorded"
+            tracker.finish_trial(run_id, states.TrialState.FAIL, reason,
+                                 status=states.RunStatus.KILLED)
 
 
 class Heartbeat:
@@ -132,7 +144,7 @@ class Heartbeat:
         interval = heartbeat_settings()[0]
         while not self._stop.wait(interval):
             try:
-                optuna_trials.set_attr(study, trial_id, "heartbeat", time.time())
+                optuna_trials.set_attr(study, trial_id, HEARTBEAT_ATTR, time.time())
             except UpdateFinishedTrialError:  # finished, or declared lost by another worker
                 return
             except Exception:  # noqa: BLE001 - the store hiccuped: beat again next time

@@ -111,27 +111,42 @@ def record_epoch(tracker: Tracker, run_id: str, result: EpochResult, results: Tr
 
 def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
                   config: ExperimentConfig, device: torch.device, results: TrialResults,
-                  on_epoch: EpochHook | None = None) -> None:
+                  on_epoch: EpochHook | None = None, stop_at: int | None = None,
+                  resume: bool = False) -> bool:
     """Train `variant` and log every epoch, the final metrics' inputs, the anytime curve
     (confidence-halted inference at `evaluation.halting_threshold`) and the model to `run_id`.
 
+    `resume`: continue from the run's checkpoint, if it has one. `stop_at`: stop after that
+    epoch (a halving rung) and save the training state as the run's checkpoint; returns False
+    then, True when the trial trained to its last epoch (`results.final` holds the final
+    metrics; the caller closes the run with `tracker.finish_trial(run_id, ..., results.metrics())`).
     Raises TrialStopped (after logging that epoch) on a non-finite loss, on divergence, or when
-    `on_epoch` returns a reason. On success `results.final` holds the final metrics; the caller
-    closes the run with `tracker.finish_trial(run_id, ..., results.metrics())`.
+    `on_epoch` returns a reason.
     """
     from fractal_mlops.engine.train import Trainer
 
     trainer = Trainer(variant.to_dict(), data, config.training, device,
                       flip=config.data.use_flip)
     results.param_count = trainer.param_count
+    saved = tracker.load_checkpoint(run_id) if resume else None
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
+        results.last_val_acc, results.best_val_acc = saved["last_val_acc"], saved["best_val_acc"]
+        results.train_seconds = trainer.train_seconds
     chance = 1.0 / data.num_classes
-    for result in trainer.epochs():
+    for result in trainer.epochs(stop=stop_at):
         record_epoch(tracker, run_id, result, results, trainer.train_seconds)
         hook_reason = on_epoch(result) if on_epoch is not None else None
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
         if reason or hook_reason:
             raise TrialStopped(reason or hook_reason)
+    if trainer.epochs_done < config.training.epochs:
+        tracker.save_checkpoint(run_id, {"trainer": trainer.state_dict(),
+                                         "last_val_acc": results.last_val_acc,
+                                         "best_val_acc": results.best_val_acc})
+        return False
     finish_training(tracker, run_id, trainer, data, config, results)
+    return True
 
 
 def finish_training(tracker: Tracker, run_id: str, trainer: Trainer, data: Dataset,

@@ -27,11 +27,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from fractal_mlops.search.claims import create_trial
 from fractal_mlops.stores import optuna_trials
 from fractal_mlops.stores.optuna_storage import claim_lock, worker_identity, worker_is_gone
+from fractal_mlops.tracking import states
+from fractal_mlops.tracking.names import (
+    HEARTBEAT_ATTR,
+    REASON_ATTR,
+    RUN_ID_ATTR,
+    RUNG_ATTR,
+    RUNG_DONE_ATTR,
+    WORKER_ATTR,
+)
 from fractal_mlops.tracking.states import WORKER_LOST
 
 if TYPE_CHECKING:
@@ -125,7 +134,7 @@ def _claim(ctx: TrialContext, progress: StudyProgress) -> tuple[RungWork | None,
     for variant in ctx.variants:
         t = points.get(variant.name)
         if t is None:
-            trial = _create_trial(ctx.study, ctx.variants, variant)
+            trial = create_trial(ctx.study, ctx.variants, variant, **{RUNG_ATTR: 1, RUNG_DONE_ATTR: 0})
             return RungWork(trial, variant, plan[0], len(plan) == 1), 0
         if t.state == TrialState.WAITING and _done(t) < _rung(t):
             trial = _take(ctx.study, t)
@@ -138,11 +147,11 @@ def _claim(ctx: TrialContext, progress: StudyProgress) -> tuple[RungWork | None,
 
 
 def _rung(t: FrozenTrial) -> int:
-    return int(t.user_attrs.get("rung", 1))
+    return int(t.user_attrs.get(RUNG_ATTR, 1))
 
 
 def _done(t: FrozenTrial) -> int:
-    return int(t.user_attrs.get("rung_done", 0))
+    return int(t.user_attrs.get(RUNG_DONE_ATTR, 0))
 
 
 def _current_trials(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
@@ -155,7 +164,7 @@ def _current_trials(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
     final = final_failures(trials)
     points: dict[str, FrozenTrial] = {}
     for t in trials:
-        if (t.state == TrialState.FAIL and t.user_attrs.get("reason") in RETRYABLE
+        if (t.state == TrialState.FAIL and t.user_attrs.get(REASON_ATTR) in RETRYABLE
                 and t.params.get("variant") not in final):
             continue
         if "variant" in t.params:
@@ -184,12 +193,12 @@ def _rank_finished_rungs(ctx: TrialContext, plan: list[Rung],
             if t.state != TrialState.WAITING or _rung(t) != rung.number:
                 continue  # already decided
             if rank <= rung.keep:
-                optuna_trials.set_attr(ctx.study, t, "rung", rung.number + 1)
+                optuna_trials.set_attr(ctx.study, t, RUNG_ATTR, rung.number + 1)
             else:
                 reason = (f"halving: rung {rung.number} ({_epochs(rung.epochs)}), rank {rank} "
                           f"of {len(ranked)}, kept the top {rung.keep}")
                 _prune(ctx, t, reason, t.user_attrs[key])
-                progress.trial_done(finished_points(ctx.study), t.number, t.params["variant"],
+                progress.trial_done(points_done(ctx.study), t.number, t.params["variant"],
                                     "PRUNED", t.user_attrs[key], reason)
         points = _current_trials(ctx.study.get_trials(deepcopy=False))
 
@@ -198,7 +207,8 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
-def finished_points(study: optuna.Study) -> int:
+def points_done(study: optuna.Study) -> int:
+    """How many grid points have ended (COMPLETE, PRUNED, or FAIL for good)."""
     return sum(t.state.is_finished() for t in _current_trials(study.get_trials(deepcopy=False))
                .values())
 
@@ -207,39 +217,21 @@ def _prune(ctx: TrialContext, t: FrozenTrial, reason: str, value: float) -> None
     """MLflow first, then Optuna: a kill in between leaves the point WAITING, ranked again."""
     from optuna.trial import TrialState
 
-    run_id = t.user_attrs.get("mlflow_run_id")
+    run_id = t.user_attrs.get(RUN_ID_ATTR)
     if run_id:
         metrics = {k: t.user_attrs[k] for k in ("best_val_acc", "param_count", "train_seconds")
                    if k in t.user_attrs}
-        ctx.tracker.finish_trial(run_id, "PRUNED", reason, metrics)
-    optuna_trials.set_attr(ctx.study, t, "reason", reason)
+        ctx.tracker.finish_trial(run_id, states.TrialState.PRUNED, reason, metrics)
+    optuna_trials.set_attr(ctx.study, t, REASON_ATTR, reason)
     optuna_trials.set_state(ctx.study, t, TrialState.PRUNED, [value])
-
-
-def _create_trial(study: optuna.Study, variants: list[Variant], choice: Variant):
-    """A RUNNING trial for a point's first rung, created in one storage call (as claim_next)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState
-
-    names = [v.name for v in variants]
-    template = optuna.trial.FrozenTrial(
-        number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
-        datetime_start=datetime.now(), datetime_complete=None,
-        params={"variant": choice.name}, distributions={"variant": CategoricalDistribution(names)},
-        user_attrs={"variant": choice.name, "worker": worker_identity(), "heartbeat": time.time(),
-                    "rung": 1, "rung_done": 0},
-        system_attrs={"search_space": {"variant": names}, "grid_id": names.index(choice.name)},
-        intermediate_values={})
-    return optuna_trials.create(study, template)
 
 
 def _take(study: optuna.Study, t: FrozenTrial):
     """WAITING -> RUNNING for this worker (the storage refuses if another worker took it)."""
     from optuna.trial import TrialState
 
-    optuna_trials.set_attr(study, t, "worker", worker_identity())
-    optuna_trials.set_attr(study, t, "heartbeat", time.time())
+    optuna_trials.set_attr(study, t, WORKER_ATTR, worker_identity())
+    optuna_trials.set_attr(study, t, HEARTBEAT_ATTR, time.time())
     if not optuna_trials.set_state(study, t, TrialState.RUNNING):
         return None
     return optuna_trials.resume(study, t)
@@ -252,7 +244,7 @@ def recover_lost(study: optuna.Study, tracker) -> list[int]:
 
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_is_gone(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
+        if worker_is_gone(t.user_attrs.get(WORKER_ATTR), t.user_attrs.get(HEARTBEAT_ATTR)):
             optuna_trials.set_state(study, t, TrialState.WAITING)
             lost.append(t.number)
     if lost:
@@ -261,9 +253,10 @@ def recover_lost(study: optuna.Study, tracker) -> list[int]:
             t = trials.get(number)
             if t is None or t.state != TrialState.WAITING:
                 continue
-            if t.user_attrs.get("mlflow_run_id") == run_id:
-                tracker.client.update_run(run_id, status="SCHEDULED")
+            if t.user_attrs.get(RUN_ID_ATTR) == run_id:
+                tracker.wait_run(run_id)
             else:  # created by a worker killed before it recorded the run's ID
-                tracker.finish_trial(run_id, "FAIL", WORKER_LOST, status="KILLED")
+                tracker.finish_trial(run_id, states.TrialState.FAIL, WORKER_LOST,
+                                     status=states.RunStatus.KILLED)
     return lost
 

@@ -1,37 +1,32 @@
 """Train one rung of one grid point (search.mode: halving; the rungs are planned in halving.py).
 
 The point's MLflow run goes on across rungs: the model, optimizer and RNG state at the end of a
-rung are the run's artifact `halving/checkpoint.pt`, which the next rung loads, so the epochs
-of a promoted point equal those of an unbroken run and none is trained twice.
+rung are the run's checkpoint (Tracker.save_checkpoint), which the next rung loads, so the
+epochs of a promoted point equal those of an unbroken run and none is trained twice. A rung
+trains through the same epoch loop as a grid trial (trial.train_and_track).
 """
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from fractal_mlops.errors import TrialStopped
+from fractal_mlops.search.claims import Heartbeat
 from fractal_mlops.search.epochs import (
     TrialResults,
-    divergence_reason,
-    finish_training,
-    record_epoch,
     trial_config_yaml,
     trial_params,
 )
-from fractal_mlops.search.halving import Rung, RungWork, finished_points, next_work
+from fractal_mlops.search.halving import Rung, RungWork, next_work, points_done
 from fractal_mlops.search.outcome import outcome_of
+from fractal_mlops.search.trial import record_end, stop_worker, train_and_track
 from fractal_mlops.stores import optuna_trials
+from fractal_mlops.tracking.names import RUN_ID_ATTR
 
 if TYPE_CHECKING:
     from fractal_mlops.config.space import Variant
     from fractal_mlops.search.progress import StudyProgress
     from fractal_mlops.search.settings import TrialContext
-
-CHECKPOINT_DIR, CHECKPOINT_FILE = "halving", "checkpoint.pt"
-
 
 def claim_and_run_rung(ctx: TrialContext, progress: StudyProgress) -> bool:
     """Claim the next rung of a point and train it; False when the study is done."""
@@ -47,11 +42,9 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     Ends WAITING (rung done), or COMPLETE (last rung), PRUNED (diverged) or FAIL. Called with
     interrupts held (see halving.next_work): they wait until the run is open and recorded."""
     from fractal_mlops.engine.device import release_memory
-    from fractal_mlops.search.claims import Heartbeat
-    from fractal_mlops.search.trial import record_end
 
     trial, variant, rung = work.trial, work.variant, work.rung
-    progress.trial_started(finished_points(ctx.study) + 1, len(ctx.variants), trial.number,
+    progress.trial_started(points_done(ctx.study) + 1, len(ctx.variants), trial.number,
                            variant.name)
     results, run_id = TrialResults(), None
     try:
@@ -62,7 +55,8 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
     try:
         ctx.interrupts.release()  # raises a Ctrl-C that came since the claim
         with Heartbeat(ctx.study, trial):
-            _train(ctx, trial, variant, run_id, work, results, progress)
+            train_and_track(ctx, trial, variant, run_id, results, progress,
+                            stop_at=work.rung.epochs)
         outcome = outcome_of(None) if work.last_rung else None  # None: waits for the ranking
     except (Exception, KeyboardInterrupt) as exc:  # the ending, as outcome_of says
         outcome = outcome_of(exc)
@@ -77,7 +71,7 @@ def run_rung(ctx: TrialContext, work: RungWork, progress: StudyProgress) -> None
             record_end(ctx, trial, run_id, outcome, results)
             state, reason = outcome.state, outcome.reason
     release_memory(ctx.device)
-    progress.trial_done(finished_points(ctx.study), trial.number, variant.name, state,
+    progress.trial_done(points_done(ctx.study), trial.number, variant.name, state,
                         results.last_val_acc, reason)
     ctx.interrupts.raise_pending()  # everything is recorded: now the worker may stop
 
@@ -87,61 +81,27 @@ def _open_run(ctx: TrialContext, trial, variant: Variant) -> str:
     import torch
 
     config = ctx.settings.config
-    run_id = optuna_trials.attrs(ctx.study, trial).get("mlflow_run_id")
+    run_id = optuna_trials.attrs(ctx.study, trial).get(RUN_ID_ATTR)
     if run_id is not None:
-        ctx.tracker.client.update_run(run_id, status="RUNNING")
+        ctx.tracker.reopen_run(run_id)
         return run_id
     run_id = ctx.tracker.start_trial(
         ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
         trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
         trial_config_yaml(variant, config), config.sha256, ctx.data)
-    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr(RUN_ID_ATTR, run_id)
     return run_id
 
 
 def _stop(ctx: TrialContext, trial, run_id: str | None, exc: BaseException) -> NoReturn:
     """Interrupted, or a store is down: the point goes back to WAITING and resumes its rung on
     the next run; the worker stops."""
-    from fractal_mlops.search.trial import stop_worker
-
     with ctx.interrupts.deferred():
         _pause(ctx, trial, run_id)
     outcome = outcome_of(exc)
     if outcome.stops_worker:
         stop_worker(trial.number, outcome, exc, "the point resumes its rung")
     raise exc
-
-
-def _train(ctx: TrialContext, trial, variant: Variant, run_id: str, work: RungWork,
-           results: TrialResults, progress: StudyProgress) -> None:
-    """runner.train_and_log for the epochs of one rung, with Optuna's report and pruner."""
-    from fractal_mlops.engine.train import Trainer
-    from fractal_mlops.search.trial import pruner_reason, report_epoch
-
-    config, tracker, data = ctx.settings.config, ctx.tracker, ctx.data
-    trainer = Trainer(variant.to_dict(), data, config.training, ctx.device,
-                      flip=config.data.use_flip)
-    results.param_count = trainer.param_count
-    saved = _load_checkpoint(tracker, run_id)
-    if saved is not None:
-        trainer.load_state_dict(saved["trainer"])
-        results.last_val_acc, results.best_val_acc = saved["last_val_acc"], saved["best_val_acc"]
-        results.train_seconds = trainer.train_seconds
-    chance = 1.0 / data.num_classes
-    for result in trainer.epochs(stop=work.rung.epochs):
-        record_epoch(tracker, run_id, result, results, trainer.train_seconds)
-        progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        report_epoch(ctx, trial, result)
-        reason = (divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
-                  or pruner_reason(ctx, trial, result))
-        if reason:
-            raise TrialStopped(reason)
-    if not work.last_rung:
-        _save_checkpoint(tracker, run_id, {"trainer": trainer.state_dict(),
-                                           "last_val_acc": results.last_val_acc,
-                                           "best_val_acc": results.best_val_acc})
-        return
-    finish_training(tracker, run_id, trainer, data, config, results)
 
 
 def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, results: TrialResults) -> None:
@@ -154,8 +114,7 @@ def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, results: TrialR
                        ("rung_done", rung.number)):
         optuna_trials.set_attr(ctx.study, trial, key, value)
     optuna_trials.set_state(ctx.study, trial, TrialState.WAITING)
-    ctx.tracker.client.set_tag(run_id, "fractal.rung", str(rung.number))
-    ctx.tracker.client.update_run(run_id, status="SCHEDULED")
+    ctx.tracker.wait_run(run_id, rung=rung.number)
 
 
 def _pause(ctx: TrialContext, trial, run_id: str | None) -> None:
@@ -166,26 +125,4 @@ def _pause(ctx: TrialContext, trial, run_id: str | None) -> None:
         optuna_trials.set_state(ctx.study, trial, TrialState.WAITING)
     if run_id is not None:
         with contextlib.suppress(Exception):  # the tracking store may be the one that is down
-            ctx.tracker.client.update_run(run_id, status="SCHEDULED")
-
-
-def _save_checkpoint(tracker, run_id: str, state: dict) -> None:
-    import torch
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / CHECKPOINT_FILE
-        torch.save(state, path)
-        tracker.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
-
-
-def _load_checkpoint(tracker, run_id: str) -> dict | None:
-    import torch
-
-    names = [a.path for a in tracker.client.list_artifacts(run_id, CHECKPOINT_DIR)]
-    if f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}" not in names:
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
-                                                 folder)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
+            ctx.tracker.wait_run(run_id)

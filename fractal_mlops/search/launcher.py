@@ -29,6 +29,7 @@ from fractal_mlops.search.settings import StudySettings
 from fractal_mlops.search.worker import _summary, open_stores, show_leaderboard
 from fractal_mlops.signals import STOP_SIGNALS
 from fractal_mlops.stores.optuna_storage import StorageSpec
+from fractal_mlops.tracking.names import GRID_SIZE_ATTR
 
 GRACE_SECONDS = 120.0
 
@@ -127,7 +128,7 @@ def launch_workers(settings: StudySettings, console: Console,
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0)
     before_summary()
-    show_leaderboard(console, settings, rows, study.user_attrs.get("grid_size", len(rows)),
+    show_leaderboard(console, settings, rows, study.user_attrs.get(GRID_SIZE_ATTR, len(rows)),
                      time.monotonic() - started_at, tracker.experiment_id)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0

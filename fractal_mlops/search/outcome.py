@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fractal_mlops.errors import TrialStopped, chain, is_outage, one_line
+from fractal_mlops.tracking.names import REASON_ATTR
 from fractal_mlops.tracking.states import (
     CUDA_FAILED,
     CUDA_OOM,
@@ -31,6 +32,7 @@ from fractal_mlops.tracking.states import (
     STORAGE_FAILED,
     TRACKING_FAILED,
     WORKER_LOST,
+    RunStatus,
     TrialState,
 )
 
@@ -43,8 +45,8 @@ class Outcome:
     stops_worker: bool = False  # recorded, then the worker stops (Ctrl-C, a store outage)
 
     @property
-    def run_status(self) -> str:
-        return "KILLED" if self.killed else self.state.run_status
+    def run_status(self) -> RunStatus:
+        return RunStatus.KILLED if self.killed else self.state.run_status
 
     @property
     def store_down(self) -> bool:
@@ -93,7 +95,7 @@ def cuda_failure(exc: BaseException) -> str | None:
 def final_failures(trials: Iterable) -> set[str]:
     """Grid points (variant names) whose FAIL trials mean they are done: a reason that is not
     retryable, or out of GPU memory OOM_TRIES times. `trials`: Optuna FrozenTrials."""
-    fails = [(t.params.get("variant"), t.user_attrs.get("reason")) for t in trials
+    fails = [(t.params.get("variant"), t.user_attrs.get(REASON_ATTR)) for t in trials
              if t.state.name == "FAIL" and "variant" in t.params]
     ooms = Counter(point for point, reason in fails if reason == CUDA_OOM)
     return {point for point, reason in fails

@@ -3,7 +3,7 @@ through the epoch loop, and compare the metrics epoch by epoch."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,21 @@ from fractal_mlops.config.space import Variant
 from fractal_mlops.errors import EXIT_FAULT, EXIT_OK, ConfigError
 from fractal_mlops.search.comparison import EPOCH_METRICS, EpochTable, compare_finals
 from fractal_mlops.stores.credentials import redact
-from fractal_mlops.tracking.ui import CONFIG_SHA, REASON, REPRODUCES, ROLE, STATE
+from fractal_mlops.tracking.names import (
+    CONFIG_SHA,
+    GIT_COMMIT,
+    PARENT_RUN_ID,
+    REASON,
+    REPRODUCES,
+    ROLE,
+    RUN_NAME,
+    SOURCE_NAME,
+    STATE,
+    STUDY_NAME,
+    TRIAL_NUMBER,
+)
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -146,8 +160,8 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     runtime = runtime_params(device, original.config.training.amp)
     for warning in _warnings(original, data.digest, git_commit(), device.type, recorded_device,
                              runtime):
-        print(f"warning: {warning}", file=sys.stderr)
-    trial = original.tags.get("optuna.trial_number", "?")
+        log.warning("%s", warning)
+    trial = original.tags.get(TRIAL_NUMBER, "?")
     print(f"reproducing run {original.run_id} (trial {trial} of {original.experiment_name}, "
           f"{original.state}): {original.variant.name}, seed {original.config.training.seed}, "
           f"{original.config.training.epochs} epochs, {device.type}"
@@ -155,7 +169,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
 
     tracker = Tracker(uri, original.experiment_name)
     run_id = tracker.start_trial(
-        original.tags.get("mlflow.parentRunId", ""), original.tags.get("optuna.study_name", ""),
+        original.tags.get(PARENT_RUN_ID, ""), original.tags.get(STUDY_NAME, ""),
         _int(trial) or 0, original.variant.name,
         trial_params(original.variant, original.config, data, device.type, threads),
         original.config_yaml, original.tags.get(CONFIG_SHA, original.config.sha256), data,
@@ -207,7 +221,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
 def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: str,
               recorded_device: str, runtime: dict[str, str]) -> list[str]:
     out = []
-    recorded_commit = original.tags.get("mlflow.source.git.commit")
+    recorded_commit = original.tags.get(GIT_COMMIT)
     if recorded_commit and commit and recorded_commit != commit:
         out.append(f"run {original.run_id} was trained at git commit {recorded_commit[:12]}, "
                    f"this code is at {commit[:12]}: the metrics may differ")
@@ -232,7 +246,7 @@ def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: 
 def _reproduction_tags(original: RecordedTrial) -> dict[str, str]:
     name = original.run.info.run_name or original.run_id
     return {ROLE: "reproduction", REPRODUCES: original.run_id,
-            "mlflow.runName": f"reproduce-{name}", "mlflow.source.name": "fractal_mlops.reproduce"}
+            RUN_NAME: f"reproduce-{name}", SOURCE_NAME: "fractal_mlops.reproduce"}
 
 
 def _epochs_of(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:

@@ -9,11 +9,11 @@ by the next run), and only then may an interrupt or a store outage stop the work
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from typing import TYPE_CHECKING, NoReturn
 
 from fractal_mlops.config.space import Variant
-from fractal_mlops.errors import StopWorker, TrialStopped, is_outage, one_line
+from fractal_mlops.errors import StopWorker, is_outage, one_line
 from fractal_mlops.search.claims import Heartbeat, claim_next, points_done, recover_lost_trials
 from fractal_mlops.search.epochs import TrialResults, train_and_log, trial_config_yaml, trial_params
 from fractal_mlops.search.outcome import Outcome, outcome_of
@@ -21,7 +21,10 @@ from fractal_mlops.search.settings import TrialContext
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.stores.locations import sqlite_lock
 from fractal_mlops.stores.optuna_storage import claim_lock
+from fractal_mlops.tracking.names import PARAM_COUNT_ATTR, REASON_ATTR, RUN_ID_ATTR
 from fractal_mlops.tracking.states import CUDA_FAILED, STORAGE_FAILED, TRACKING_FAILED, TrialState
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fractal_mlops.search.progress import StudyProgress
@@ -65,7 +68,7 @@ def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
             ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
             trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
             trial_config_yaml(variant, config), config.sha256, ctx.data)
-        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
     except Exception as exc:  # noqa: BLE001 - the trial cannot be recorded: stop here
         outcome = outcome_of(exc)
         if not outcome.stops_worker:  # MLflow refused the run: no trial can be recorded
@@ -108,10 +111,10 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
 
 
 def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
-                    results: TrialResults, progress: StudyProgress) -> None:
-    """runner.train_and_log (shared with reproduce), plus Optuna's report and pruner."""
-    import optuna
-
+                    results: TrialResults, progress: StudyProgress,
+                    stop_at: int | None = None) -> bool:
+    """epochs.train_and_log (shared with reproduce), plus Optuna's report and pruner; from the
+    run's checkpoint when it has one. `stop_at`: a halving rung's last epoch."""
     config = ctx.settings.config
 
     def on_epoch(result) -> str | None:
@@ -119,11 +122,8 @@ def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
         report_epoch(ctx, trial, result)
         return pruner_reason(ctx, trial, result)
 
-    try:
-        train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, results,
-                      on_epoch=on_epoch)
-    except TrialStopped as stopped:
-        raise optuna.TrialPruned(str(stopped)) from None
+    return train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, results,
+                         on_epoch=on_epoch, stop_at=stop_at, resume=True)
 
 
 def report_epoch(ctx: TrialContext, trial, result) -> None:
@@ -174,15 +174,15 @@ def _record_where_possible(ctx: TrialContext, trial, run_id: str, outcome: Outco
 def _tell(ctx: TrialContext, trial, outcome: Outcome, results: TrialResults) -> None:
     try:
         if outcome.reason:
-            trial.set_user_attr("reason", redact(outcome.reason))
+            trial.set_user_attr(REASON_ATTR, redact(outcome.reason))
         if results.param_count is not None:
-            trial.set_user_attr("param_count", results.param_count)
+            trial.set_user_attr(PARAM_COUNT_ATTR, results.param_count)
         if outcome.state is TrialState.COMPLETE:
             ctx.study.tell(trial, results.last_val_acc)
         else:
             ctx.study.tell(trial, state=outcome.state.optuna_state)
     except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
-        print(f"warning: trial {trial.number}: {exc}", file=sys.stderr)
+        log.warning("trial %d: %s", trial.number, exc)
 
 
 def stop_worker(number: int, outcome: Outcome, error: BaseException | None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 import torch
@@ -25,18 +25,22 @@ from fractal_mlops.search.halving import describe_plan
 from fractal_mlops.search.halving_trial import claim_and_run_rung
 from fractal_mlops.search.preflight import check_feasible
 from fractal_mlops.search.progress import StudyProgress, TrialRow, leaderboard, worker_prefix
-from fractal_mlops.search.settings import TrialContext
+from fractal_mlops.search.settings import StudySettings, TrialContext
 from fractal_mlops.search.trial import claim_and_run
 from fractal_mlops.signals import InterruptGuard
 from fractal_mlops.stores.optuna_storage import claim_lock, open_storage
 from fractal_mlops.stores.repair import restart_study, trained_nothing
+from fractal_mlops.tracking.names import (
+    CONFIG_SHA_ATTR,
+    GRID_SIZE_ATTR,
+    PARAM_COUNT_ATTR,
+    PARENT_RUN_ATTR,
+    REASON_ATTR,
+    VARIANT_ATTR,
+)
 from fractal_mlops.tracking.states import TrialState
 from fractal_mlops.tracking.tracker import Tracker
 from fractal_mlops.tracking.ui import ui_lines
-
-if TYPE_CHECKING:
-    from fractal_mlops.search.settings import StudySettings
-
 
 # -- one worker ----------------------------------------------------------------------------
 
@@ -94,10 +98,10 @@ def open_stores(settings: StudySettings, variants: list[Variant]):
         study = _load_or_create_study(settings, variants)
         tracker = Tracker(settings.tracking_uri, settings.study_name)
         parent_run_id = tracker.study_run(
-            settings.study_name, study.user_attrs.get("mlflow_parent_run_id"),
+            settings.study_name, study.user_attrs.get(PARENT_RUN_ATTR),
             _study_params(settings, variants), config.to_yaml(), config.sha256)
-        if study.user_attrs.get("mlflow_parent_run_id") != parent_run_id:
-            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+        if study.user_attrs.get(PARENT_RUN_ATTR) != parent_run_id:
+            study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
     return study, tracker, parent_run_id
 
 
@@ -109,13 +113,13 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
         sampler=grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
         pruner=_optuna_pruner(config.pruning.pruner),
     )
-    recorded = study.user_attrs.get("config_sha256")
+    recorded = study.user_attrs.get(CONFIG_SHA_ATTR)
     if recorded not in (None, config.sha256) and trained_nothing(study):
         study = restart_study(study, lambda: _load_or_create_study(settings, variants))
-        recorded = study.user_attrs.get("config_sha256")
+        recorded = study.user_attrs.get(CONFIG_SHA_ATTR)
     if recorded is None:
-        study.set_user_attr("config_sha256", config.sha256)
-        study.set_user_attr("grid_size", len(variants))
+        study.set_user_attr(CONFIG_SHA_ATTR, config.sha256)
+        study.set_user_attr(GRID_SIZE_ATTR, len(variants))
     elif recorded != config.sha256:
         raise ConfigError(f"study {settings.study_name!r} already exists with a different "
                           "config and trained under it; pass another --study-name to start a "
@@ -153,9 +157,9 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
             continue
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
-        rows.append(TrialRow(t.number, t.user_attrs.get("variant", "?"), t.state.name, t.value
+        rows.append(TrialRow(t.number, t.user_attrs.get(VARIANT_ATTR, "?"), t.state.name, t.value
                              if t.state.name == "COMPLETE" else None,
-                             t.user_attrs.get("param_count"), seconds, t.user_attrs.get("reason")))
+                             t.user_attrs.get(PARAM_COUNT_ATTR), seconds, t.user_attrs.get(REASON_ATTR)))
     if tracker is not None and parent_run_id:
         counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
                   for s in TrialState}

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
+
+from fractal_mlops.stores.credentials import redact
+
+log = logging.getLogger(__name__)
 
 HTTP_BOUNDS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -60,8 +63,6 @@ class _RetryNotice(logging.Handler):
         self.uri = uri
 
     def emit(self, record: logging.LogRecord) -> None:
-        from fractal_mlops.stores.credentials import redact
-
         message = record.getMessage()
         if not message.startswith("Retrying"):
             return
@@ -84,8 +85,6 @@ def wait_for_storage(engine, url: str) -> None:
     STORAGE_WAIT_SECONDS, saying so each time; a refused login or a bad URL is not retried."""
     from sqlalchemy import event
 
-    from fractal_mlops.stores.credentials import redact
-
     @event.listens_for(engine, "do_connect")
     def _connect(dialect, record, cargs, cparams):
         deadline = time.monotonic() + STORAGE_WAIT_SECONDS
@@ -102,7 +101,5 @@ def wait_for_storage(engine, url: str) -> None:
 
 
 def _announce(what: str, reason: str, within: float) -> None:
-    prefix = os.environ.get("FRACTAL_WORKER_INDEX")
-    prefix = f"[worker {prefix}] " if prefix else ""
-    print(f"{prefix}warning: waiting for {what} ({reason}); the worker stops if it does not "
-          f"answer within about {within:.0f} s", file=sys.stderr, flush=True)
+    log.warning("waiting for %s (%s); the worker stops if it does not answer within about "
+                "%.0f s", what, reason, within)

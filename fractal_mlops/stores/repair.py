@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 from fractal_mlops.errors import ConfigError
 from fractal_mlops.stores import optuna_trials
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import optuna
@@ -115,9 +117,9 @@ def repair_journal(path: Path) -> None:
     finally:
         lock.release()
     size = sum(len(text) for _, text in scan.bad)
-    print(f"warning: {path}: set aside {len(scan.bad)} damaged record(s) ({size} bytes, a "
-          f"write cut off or garbage appended) in {aside}; all {len(scan.good)} whole records "
-          "are kept", file=sys.stderr)
+    log.warning("%s: set aside %d damaged record(s) (%d bytes, a write cut off or garbage "
+                "appended) in %s; all %d whole records are kept", path, len(scan.bad), size,
+                aside, len(scan.good))
 
 
 def check_sqlite_file(path: Path, what: str, flag: str) -> None:
@@ -167,6 +169,6 @@ def restart_study(study: optuna.Study, reopen: Callable[[], optuna.Study]) -> op
 
     name = study.study_name
     optuna.delete_study(study_name=name, storage=optuna_trials.storage(study))
-    print(f"note: study {name!r}: its earlier attempt under another config trained nothing; "
-          "starting it afresh with this config", file=sys.stderr)
+    log.info("study %r: its earlier attempt under another config trained nothing; starting it "
+             "afresh with this config", name)
     return reopen()

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-MODEL_URI = "fractal.model_uri"
+from fractal_mlops.tracking.names import MODEL_URI
 
 
 def data_signature(run: Run) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from fractal_mlops.errors import EXIT_FAULT, EXIT_OK, ConfigError
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.tracking.compat import mismatch
+from fractal_mlops.tracking.names import STATE
 from fractal_mlops.tracking.registry import (
     Candidate,
     aliases,
@@ -18,7 +19,6 @@ from fractal_mlops.tracking.registry import (
     register,
     trial_runs,
 )
-from fractal_mlops.tracking.ui import STATE
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

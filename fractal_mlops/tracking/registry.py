@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fractal_mlops.tracking.ui import MODEL_URI, ROLE, STATE, VARIANT
+from fractal_mlops.tracking.names import MODEL_URI, STATE, STUDY_NAME, TRIAL_NUMBER, VARIANT
+from fractal_mlops.tracking.queries import role_query, search_all
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,7 +39,7 @@ class Candidate:
 
     @property
     def trial(self) -> str:
-        return self.run.data.tags.get("optuna.trial_number", "?")
+        return self.run.data.tags.get(TRIAL_NUMBER, "?")
 
     @property
     def model_uri(self) -> str:
@@ -50,15 +51,7 @@ class Candidate:
 
 
 def trial_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial'",
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return search_all(client, experiment_id, role_query("trial"))
 
 
 def rank(candidates: list[Candidate], maximize: bool) -> list[Candidate]:
@@ -130,7 +123,7 @@ def register(client: MlflowClient, name: str, best: Candidate, metric: str,
             "experiment": experiment_name, "param_count": metric_tag(best.param_count)}
     if metric != "final_val_acc":
         tags[metric] = metric_tag(best.value)
-    study = best.run.data.tags.get("optuna.study_name", experiment_name)
+    study = best.run.data.tags.get(STUDY_NAME, experiment_name)
     # MLflow's own registration (the version is linked to its LoggedModel, which the UI shows);
     # it talks to the process-wide tracking URI (tracking.configure), and narrates on stderr
     with contextlib.redirect_stderr(io.StringIO()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum
 
 WORKER_LOST = "worker lost"
 INTERRUPTED = "interrupted"
@@ -14,7 +14,27 @@ RETRYABLE = (WORKER_LOST, INTERRUPTED, TRACKING_FAILED, STORAGE_FAILED, CUDA_OOM
 OOM_TRIES = 3  # a point out of GPU memory this many times has failed for good
 
 
-class TrialState(StrEnum):
+class _Named(str, Enum):
+    """A str whose value is its name: it compares, formats and is stored as that string
+    (enum.StrEnum, which Python 3.10 lacks)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class RunStatus(_Named):
+    """MLflow run statuses, as the project sets them."""
+
+    RUNNING = "RUNNING"
+    SCHEDULED = "SCHEDULED"  # halving: a point waiting for its rung's ranking
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"  # interrupted, or its worker or store went away
+
+
+class TrialState(_Named):
     """A finished trial, as the `fractal.state` tag, the console and the report name it."""
 
     COMPLETE = "COMPLETE"
@@ -22,9 +42,9 @@ class TrialState(StrEnum):
     FAIL = "FAIL"
 
     @property
-    def run_status(self) -> str:
+    def run_status(self) -> RunStatus:
         """The MLflow run status of a trial that ended this way on its own."""
-        return "FAILED" if self is TrialState.FAIL else "FINISHED"
+        return RunStatus.FAILED if self is TrialState.FAIL else RunStatus.FINISHED
 
     @property
     def optuna_state(self):

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +33,31 @@ from mlflow.types import Schema, TensorSpec
 from fractal_mlops.errors import is_unique_violation
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.stores.locations import artifact_root_for, sqlite_lock
-from fractal_mlops.tracking.states import RETRYABLE, TrialState
-from fractal_mlops.tracking.ui import (
+from fractal_mlops.tracking.names import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
     CONFIG_SHA,
     CUSTOM_MODEL_DEVELOPMENT,
     EXPERIMENT_KIND,
+    GIT_COMMIT,
+    LEGACY_CHECKPOINT_DIRS,
     MODEL_URI,
     NOTE,
+    PARENT_RUN_ID,
     REASON,
     ROLE,
+    RUN_NAME,
+    RUNG,
+    SOURCE_NAME,
+    SOURCE_TYPE,
     STATE,
+    STUDY_NAME,
+    TRIAL_NUMBER,
     VARIANT,
-    finished_run_name,
-    model_name,
-    trial_description,
 )
+from fractal_mlops.tracking.queries import role_query, search_all
+from fractal_mlops.tracking.states import RETRYABLE, RunStatus, TrialState
+from fractal_mlops.tracking.ui import finished_run_name, model_name, trial_description
 
 if TYPE_CHECKING:
     from fractal_mlops.engine.data import Dataset
@@ -157,14 +168,14 @@ class Tracker:
                     return existing_id
             except Exception:  # noqa: BLE001 - deleted or from another store: make a new one
                 pass
-        tags = {ROLE: "study", "optuna.study_name": study_name, CONFIG_SHA: config_sha,
-                "mlflow.runName": study_name, NOTE: f"Study `{study_name}`: no trial finished yet.",
+        tags = {ROLE: "study", STUDY_NAME: study_name, CONFIG_SHA: config_sha,
+                RUN_NAME: study_name, NOTE: f"Study `{study_name}`: no trial finished yet.",
                 **self._source_tags()}
         run = self.client.create_run(self.experiment_id, run_name=study_name, tags=tags)
         run_id = run.info.run_id
         self._log_params(run_id, params)
         self.client.log_text(run_id, config_yaml, "config.yaml")
-        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(run_id, RunStatus.FINISHED)
         return run_id
 
     def update_study_summary(self, run_id: str, study_name: str, counts: dict[str, int],
@@ -179,7 +190,7 @@ class Tracker:
 
     def touch_study_run(self, run_id: str) -> None:
         """Move the study run's end time to now: its duration spans the study's work so far."""
-        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(run_id, RunStatus.FINISHED)
 
     # -- trial runs -------------------------------------------------------------------------
     def start_trial(self, parent_run_id: str, study_name: str, trial_number: int,
@@ -188,12 +199,12 @@ class Tracker:
                     ) -> str:
         """A nested run for one trial (`extra_tags` may override, e.g. for a reproduction)."""
         tags = {
-            ROLE: "trial", "mlflow.parentRunId": parent_run_id, VARIANT: variant_name,
-            "optuna.study_name": study_name, "optuna.trial_number": str(trial_number),
-            CONFIG_SHA: config_sha, "mlflow.runName": variant_name,
+            ROLE: "trial", PARENT_RUN_ID: parent_run_id, VARIANT: variant_name,
+            STUDY_NAME: study_name, TRIAL_NUMBER: str(trial_number),
+            CONFIG_SHA: config_sha, RUN_NAME: variant_name,
             **self._source_tags(), **(extra_tags or {}),
         }
-        run_name = tags["mlflow.runName"]
+        run_name = tags[RUN_NAME]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
         self._trials[run_id] = _TrialRecord(
@@ -242,9 +253,12 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def finish_trial(self, run_id: str, state: str, reason: str | None = None,
+    def finish_trial(self, run_id: str, state: TrialState, reason: str | None = None,
                      final_metrics: dict[str, float] | None = None,
-                     status: str | None = None) -> None:
+                     status: RunStatus | None = None) -> None:
+        """Close a trial run: its state, reason, final metrics (linked to its logged model and
+        dataset), run name and description; status FINISHED / FAILED as the state says, or
+        `status` (KILLED for a trial that did not end on its own)."""
 
         now = int(time.time() * 1000)
         reason = redact(reason)[:5000] if reason else None
@@ -252,7 +266,7 @@ class Tracker:
         record = self._record(run_id)
         self._trials.pop(run_id, None)
         name = record.name if record else self.client.get_run(run_id).info.run_name
-        tags = [RunTag(STATE, state), RunTag("mlflow.runName", finished_run_name(name, state)),
+        tags = [RunTag(STATE, state), RunTag(RUN_NAME, finished_run_name(name, state)),
                 RunTag(NOTE, trial_description(state, reason, final_metrics, RETRYABLE))]
         if reason:
             tags.append(RunTag(REASON, reason))
@@ -266,12 +280,45 @@ class Tracker:
             self.touch_study_run(record.parent_run_id)
             self._worked_for.add(record.parent_run_id)
 
+    def reopen_run(self, run_id: str) -> None:
+        """A waiting trial run trains again (halving: its next rung)."""
+        self.client.update_run(run_id, status=RunStatus.RUNNING)
+
+    def wait_run(self, run_id: str, rung: int | None = None) -> None:
+        """The trial run waits (SCHEDULED) to be trained further: a finished halving rung,
+        or a trial whose worker stopped before it ended."""
+        if rung is not None:
+            self.client.set_tag(run_id, RUNG, str(rung))
+        self.client.update_run(run_id, status=RunStatus.SCHEDULED)
+
+    # -- the training state of a trial, to continue it --------------------------------------
+    def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
+        """The state a trial continues from (model, optimizer, RNG streams, epoch): the run's
+        artifact `checkpoint/checkpoint.pt`, replaced at each save."""
+        import torch
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / CHECKPOINT_FILE
+            torch.save(state, path)
+            self.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
+
+    def load_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+        """The run's last saved training state, or None when it has none."""
+        import torch
+
+        for folder in (CHECKPOINT_DIR, *LEGACY_CHECKPOINT_DIRS):
+            artifact = f"{folder}/{CHECKPOINT_FILE}"
+            if artifact in {a.path for a in self.client.list_artifacts(run_id, folder)}:
+                with tempfile.TemporaryDirectory() as local:
+                    path = self.client.download_artifacts(run_id, artifact, local)
+                    return torch.load(path, map_location="cpu", weights_only=False)
+        return None
+
     def running_trial_runs(self, study_name: str) -> list[tuple[str, int]]:
         """(run ID, Optuna trial number) of the study's trial runs that are RUNNING."""
-        runs = self.client.search_runs(
-            [self.experiment_id], f"attributes.status = 'RUNNING' and tags.`{ROLE}` = 'trial' "
-            f"and tags.`optuna.study_name` = '{study_name}'", max_results=10000)
-        return [(r.info.run_id, int(r.data.tags["optuna.trial_number"])) for r in runs]
+        runs = search_all(self.client, self.experiment_id,
+                          role_query("trial", study_name, status=RunStatus.RUNNING))
+        return [(r.info.run_id, int(r.data.tags[TRIAL_NUMBER])) for r in runs]
 
     # -- helpers ----------------------------------------------------------------------------
     def _record(self, run_id: str) -> _TrialRecord | None:
@@ -289,16 +336,16 @@ class Tracker:
         models = run.outputs.model_outputs if run.outputs else []
         record = _TrialRecord(
             tags[VARIANT], run.info.run_name or tags[VARIANT],
-            tags.get("mlflow.parentRunId") if tags.get(ROLE) == "trial" else None,
+            tags.get(PARENT_RUN_ID) if tags.get(ROLE) == "trial" else None,
             inputs[0].dataset.name, inputs[0].dataset.digest, dict(run.data.params),
             models[-1].model_id if models else None)
         self._trials[run_id] = record
         return record
 
     def _source_tags(self) -> dict[str, str]:
-        tags = {"mlflow.source.name": "fractal_mlops.study", "mlflow.source.type": "LOCAL"}
+        tags = {SOURCE_NAME: "fractal_mlops.study", SOURCE_TYPE: "LOCAL"}
         if self.commit:
-            tags["mlflow.source.git.commit"] = self.commit
+            tags[GIT_COMMIT] = self.commit
         return tags
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:

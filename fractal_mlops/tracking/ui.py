@@ -13,15 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-NOTE = "mlflow.note.content"  # the run's "Description" in the UI (markdown)
-EXPERIMENT_KIND = "mlflow.experimentKind"
-# The value MLflow 3.17's UI uses for model training (against "genai_development"): with it the
-# experiment's header and tabs are those of model training.
-CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
-# The project's tags (DESIGN.md's contract)
-ROLE, STATE, REASON, VARIANT = "fractal.role", "fractal.state", "fractal.reason", "fractal.variant"
-MODEL_URI, CONFIG_SHA, REPRODUCES = "fractal.model_uri", "fractal.config_sha256", "fractal.reproduces"
-BEST_RUN_ID, BEST_VARIANT = "fractal.best_run_id", "fractal.best_variant"
+from fractal_mlops.tracking.names import BEST_RUN_ID, BEST_VARIANT, NOTE, VARIANT
+from fractal_mlops.tracking.queries import role_query
+
 LOCAL_UI = "http://127.0.0.1:5000"
 TOP_IN_DESCRIPTION = 5
 
@@ -159,8 +153,7 @@ def top_trials(client, experiment_id: str, study_name: str,
     """The study's best COMPLETE trial runs, ranked as promote ranks them (final val_acc, then
     fewer parameters)."""
     runs = client.search_runs(
-        [experiment_id], "tags.`fractal.role` = 'trial' and tags.`fractal.state` = 'COMPLETE' "
-        f"and tags.`optuna.study_name` = '{study_name}'",
+        [experiment_id], role_query("trial", study_name, state="COMPLETE"),
         order_by=["metrics.final_val_acc DESC", "metrics.param_count ASC"], max_results=k)
     ranked = []
     for run in runs:
@@ -168,7 +161,7 @@ def top_trials(client, experiment_id: str, study_name: str,
         if "final_val_acc" not in metrics:
             continue
         params = metrics.get("param_count")
-        ranked.append(RankedTrial(run.info.run_id, run.data.tags.get("fractal.variant", "?"),
+        ranked.append(RankedTrial(run.info.run_id, run.data.tags.get(VARIANT, "?"),
                                   metrics["final_val_acc"], metrics.get("best_val_acc"),
                                   int(params) if params is not None else None,
                                   metrics.get("train_seconds")))

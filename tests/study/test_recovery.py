@@ -30,8 +30,8 @@ def test_workers_on_other_hosts_are_lost_when_their_heartbeat_stops(tmp_path):
         resolve_storage,
         worker_identity,
     )
+    from fractal_mlops.tracking.names import ROLE
     from fractal_mlops.tracking.tracker import Tracker, configure
-    from fractal_mlops.tracking.ui import ROLE
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None))
