@@ -176,3 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     return importlib.import_module(f"fractal_mlops.{command}").main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
