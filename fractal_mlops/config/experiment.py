@@ -98,6 +98,9 @@ class ExperimentConfig:
             out.pop("search")
         if self.training.compile == "none":
             out["training"].pop("compile")
+        if self.training.memory_format == "contiguous":
+            out["training"].pop("memory_format")
+        out["training"].pop("checkpoint_minutes")  # when a trial saves, not what it learns
         return out
 
     def to_yaml(self) -> str:

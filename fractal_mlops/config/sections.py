@@ -36,6 +36,7 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile modes (see train.py)
 OPTIMIZERS = ("sgd", "adamw")
 PRUNERS = ("none", "median", "successive_halving")
@@ -113,8 +114,17 @@ class TrainConfig:
     seed: Int = 0
     amp: Annotated[Str, _off_word("off")] = "off"
     grad_checkpointing: Bool = False
-    channels_last: Bool = False
+    channels_last: Bool = False  # the older spelling of memory_format: channels_last
     compile: Annotated[Str, _off_word("none")] = "none"
+    # auto: each network's fastest, timed on the trial's device (engine/precision.py); amp: auto
+    # is timed too (CPUs with native bf16: fp32 against bf16)
+    memory_format: Str = "contiguous"
+    checkpoint_minutes: Float = 10.0  # a running trial saves its state at most this often
+
+    @property
+    def memory_format_mode(self) -> str:
+        """auto, contiguous or channels_last, with the older `channels_last: true` read."""
+        return "channels_last" if self.channels_last else self.memory_format
 
 
 @with_config(_SECTION)
@@ -217,6 +227,13 @@ def _check_training(t: TrainConfig) -> None:
         raise ConfigError(f"training.seed must not be negative, got {t.seed}")
     one_of(t.optimizer, OPTIMIZERS, "training.optimizer")
     one_of(t.amp, AMP_MODES, "training.amp")
+    one_of(t.memory_format, MEMORY_FORMATS, "training.memory_format")
+    if t.channels_last and t.memory_format != "contiguous":
+        raise ConfigError(f"training.channels_last: true and memory_format: {t.memory_format} "
+                          "contradict each other; keep memory_format only")
+    if not (t.checkpoint_minutes >= 0 and math.isfinite(t.checkpoint_minutes)):
+        raise ConfigError("training.checkpoint_minutes must be a number >= 0 (0: save at epoch "
+                          f"ends only), got {t.checkpoint_minutes}")
     one_of(t.compile, COMPILE_MODES, "training.compile")
     if t.compile != "none" and t.grad_checkpointing:
         raise ConfigError("training.compile needs grad_checkpointing: false (a compiled step "

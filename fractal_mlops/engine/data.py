@@ -241,6 +241,11 @@ class DeviceLoader:
         return (len(self.x) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.batches()
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The next epoch's batches, from batch `start_step` on (a trial resumed mid-epoch
+        skips those it trained: the order depends on (seed, epoch) alone)."""
         self.epoch += 1
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = (torch.randperm(len(self.x), generator=generator) if self.shuffle
@@ -249,7 +254,7 @@ class DeviceLoader:
         # draw per batch, which the generator gives in sequence)
         flips = ((torch.rand(len(self.x), generator=generator) < 0.5).to(self.device)
                  if self.flip else None)
-        for start in range(0, len(self.x), self.batch_size):
+        for start in range(start_step * self.batch_size, len(self.x), self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.x[index].float().div_(255).sub_(self.mean).div_(self.std)
             if flips is not None:

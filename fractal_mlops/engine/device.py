@@ -48,12 +48,11 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
-def runtime_params(device: torch.device, amp: str) -> dict[str, str]:
-    """What a run depends on besides its config: the resolved amp dtype, the device's model
-    and, on CUDA, the CUDA and cuDNN versions (reproduce compares them)."""
-    dtype = resolve_amp(amp, device)
-    params = {"amp_dtype": str(dtype or torch.float32).removeprefix("torch."),
-              "torch_version": torch.__version__}
+def runtime_params(device: torch.device) -> dict[str, str]:
+    """What a run depends on besides its config and its precision (engine/precision.py): the
+    device's model, torch's version and, on CUDA, the CUDA and cuDNN versions (reproduce
+    compares them)."""
+    params = {"torch_version": torch.__version__}
     if device.type == "cuda":
         params.update(device_name=torch.cuda.get_device_name(device),
                       cuda_version=str(torch.version.cuda), cudnn_version=str(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,8 +36,9 @@ from fractal_mlops.engine.anytime import (
     halting_point,
 )
 from fractal_mlops.engine.data import Dataset, DeviceLoader
-from fractal_mlops.engine.device import PeakMemory, resolve_amp
+from fractal_mlops.engine.device import PeakMemory
 from fractal_mlops.engine.model import FractalNet, build_model, drop_rng, param_count
+from fractal_mlops.engine.precision import Precision, fixed
 
 EVAL_BATCH = 512
 CHECK_EVERY = 16  # training steps between looks at the non-finite flag (each look: one sync)
@@ -49,7 +50,21 @@ class TrainPass:
     accuracy: float
     seen: int
     non_finite_step: int | None  # the step whose loss was not finite (the pass stopped there)
+    trained: int  # images trained in this call (fewer than `seen` in a resumed epoch)
     skipped_steps: int | None  # fp16 only: steps GradScaler skipped for overflow
+
+
+@dataclass(frozen=True)
+class _EpochSoFar:
+    """An epoch's progress when a checkpoint was taken inside it: steps done, running sums."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    counted: int = 0
+    correct: int = 0
+    skipped: int = 0
+    first_bad: int = -1
+    seen: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,13 +129,17 @@ def build_optimizer(model: nn.Module, settings: TrainConfig, fused: bool
 class Trainer:
     def __init__(self, variant: dict, data: Dataset, settings: TrainConfig,
                  device: torch.device | str = "cpu", flip: bool = False,
-                 static_drop_path: bool | None = None) -> None:
-        """`static_drop_path`: the masked drop-path form; default: when compiling."""
+                 static_drop_path: bool | None = None, precision: Precision | None = None) -> None:
+        """`static_drop_path`: the masked drop-path form; default: when compiling. `precision`:
+        the autocast dtype and memory format (default: the config's, amp auto by rule; a
+        study measures them, autotune.py)."""
         self.device = torch.device(device)
         self.settings = settings
-        self.amp_dtype = resolve_amp(settings.amp, self.device)
+        self.precision = precision or fixed(settings, self.device)
+        self.amp_dtype = self.precision.amp_dtype
         seed_everything(settings.seed, self.device)
-        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        channels_last = self.precision.channels_last
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model: FractalNet = build_model(
             {k: v for k, v in variant.items() if k != "name"}, data.num_classes, data.in_chans,
             grad_checkpointing=settings.grad_checkpointing, name=variant.get("name"),
@@ -132,7 +151,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, settings, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         loader = dict(mean=data.mean, std=data.std, device=self.device,
-                      channels_last=settings.channels_last)
+                      channels_last=channels_last)
         self.train_loader = DeviceLoader(data.train_x, data.train_y, settings.batch_size,
                                          shuffle=True, flip=flip, seed=settings.seed, **loader)
         self.val_loader = DeviceLoader(data.val_x, data.val_y, EVAL_BATCH, **loader)
@@ -140,6 +159,10 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.train_seconds = 0.0
         self.epochs_done = 0
+        # Within an epoch, `on_checkpoint(state_dict())` at most every `checkpoint_seconds`
+        self.checkpoint_seconds: float | None = None
+        self.on_checkpoint: Callable[[dict], None] | None = None
+        self._resume: _EpochSoFar | None = None  # an epoch to finish (load_state_dict)
 
     def _compiled(self, model: nn.Module) -> nn.Module:
         """The module the training step calls: the model, or its compiled form (same
@@ -162,16 +185,20 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def train_epoch(self) -> TrainPass:
-        """One pass over the training set. A non-finite loss ends it (within CHECK_EVERY steps
-        of the step it happened at, which it names); with fp16, a step GradScaler skips for
-        overflow is counted and left out of the mean loss instead."""
+        """One pass over the training set (or the rest of one a checkpoint was taken in). A
+        non-finite loss ends it (within CHECK_EVERY steps of the step it happened at, which it
+        names); with fp16, a step GradScaler skips for overflow is counted and left out of the
+        mean loss instead."""
         self.model.train()
-        zero = torch.zeros((), device=self.device, dtype=torch.int64)
-        loss_sum, counted = torch.zeros((), device=self.device), zero.clone()
-        correct, skipped = zero.clone(), zero.clone()
-        first_bad = zero - 1  # the step of the first non-finite loss, -1 while none
-        seen = 0
-        for step, (images, labels) in enumerate(self.train_loader, 1):
+        so_far, self._resume = self._resume or _EpochSoFar(), None
+        tensor = lambda value, dtype: torch.tensor(value, device=self.device, dtype=dtype)  # noqa: E731
+        loss_sum, counted = tensor(so_far.loss_sum, torch.float32), tensor(so_far.counted, torch.int64)
+        correct, skipped = tensor(so_far.correct, torch.int64), tensor(so_far.skipped, torch.int64)
+        first_bad = tensor(so_far.first_bad, torch.int64)  # the first non-finite loss' step, or -1
+        seen, saved_at = so_far.seen, time.monotonic()
+        steps = len(self.train_loader)
+        for step, (images, labels) in enumerate(self.train_loader.batches(so_far.step),
+                                                so_far.step + 1):
             loss, logits, was_skipped = self.train_step(images, labels)
             finite = torch.isfinite(loss)
             if was_skipped is None:
@@ -187,9 +214,15 @@ class Trainer:
             seen += len(labels)
             if step % CHECK_EVERY == 0 and first_bad.item() >= 0:  # one look per CHECK_EVERY
                 break
+            if (self.on_checkpoint is not None and self.checkpoint_seconds and step < steps
+                    and time.monotonic() - saved_at >= self.checkpoint_seconds):
+                self.on_checkpoint(self.state_dict(_EpochSoFar(
+                    step, loss_sum.item(), int(counted.item()), int(correct.item()),
+                    int(skipped.item()), int(first_bad.item()), seen)))
+                saved_at = time.monotonic()
         bad = int(first_bad.item())
         return TrainPass(loss_sum.item() / max(int(counted.item()), 1), correct.item() / seen,
-                         seen, bad if bad >= 0 else None,
+                         seen, bad if bad >= 0 else None, seen - so_far.seen,
                          int(skipped.item()) if self.scaler is not None else None)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor
@@ -226,13 +259,18 @@ class Trainer:
             seen += len(labels)
         return loss_sum / seen, correct / seen
 
-    def state_dict(self) -> dict:
-        """Everything the next epoch depends on: weights, optimizer, RNG streams, epoch."""
+    def state_dict(self, so_far: _EpochSoFar | None = None) -> dict:
+        """Everything the next step depends on: weights, optimizer, RNG streams, epoch, and
+        within an epoch (`so_far`) its step and running sums. A trial continued from it trains
+        what an unbroken one would have."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epochs_done": self.epochs_done, "train_seconds": self.train_seconds,
                  "loader_epoch": self.train_loader.epoch, "torch_rng": torch.get_rng_state(),
                  "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
                  "drop_rng": drop_rng.getstate()}
+        if so_far is not None:
+            # the loader has started this epoch: it starts it again and skips the steps done
+            state.update(epoch_so_far=asdict(so_far), loader_epoch=self.train_loader.epoch - 1)
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":
@@ -240,7 +278,7 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()`: the next epochs equal those of an unbroken run."""
+        """Continue from `state_dict()`: the next steps equal those of an unbroken run."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
@@ -248,6 +286,7 @@ class Trainer:
         self.epochs_done = state["epochs_done"]
         self.train_seconds = state["train_seconds"]
         self.train_loader.epoch = state["loader_epoch"]
+        self._resume = _EpochSoFar(**state["epoch_so_far"]) if "epoch_so_far" in state else None
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
@@ -263,7 +302,7 @@ class Trainer:
             self.memory.reset()
             start = time.perf_counter()
             trained = self.train_epoch()
-            train_loss, train_acc, seen = trained.loss, trained.accuracy, trained.seen
+            train_loss, train_acc = trained.loss, trained.accuracy
             self._sync()
             train_time = time.perf_counter() - start
             gpu_peak, gpu_reserved = self.memory.gpu_mb()
@@ -279,7 +318,7 @@ class Trainer:
             elif not np.isfinite(val_loss):
                 stop = f"non-finite validation loss at epoch {epoch}"
             yield EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, seconds,
-                              seen / train_time, self.memory.host_mb(), gpu_peak, gpu_reserved,
+                              trained.trained / train_time, self.memory.host_mb(), gpu_peak, gpu_reserved,
                               gpu_eval_peak, trained.skipped_steps, stop)
             if stop:
                 return
