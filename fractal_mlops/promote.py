@@ -78,6 +78,11 @@ def _run(args: argparse.Namespace) -> int:
     return rollback(client, settings) if args.rollback else promote(client, settings)
 
 
+def maximized(metric: str) -> bool:
+    """Losses, seconds, megabytes and counts are better low; every other metric high."""
+    return not _LOWER_IS_BETTER.search(metric)
+
+
 def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
     """Flags + environment, checked; raises ConfigError and touches no store."""
     experiment = experiment_from(args)
@@ -103,7 +108,7 @@ def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
         raise ConfigError("--rollback and --force do not go together")
     uri = resolve_tracking_uri(args.tracking_uri, None)
     check_existing_store(uri)
-    return PromoteSettings(uri, experiment, key, not _LOWER_IS_BETTER.search(key), name,
+    return PromoteSettings(uri, experiment, key, maximized(key), name,
                            args.alias, previous, args.min_delta, args.force)
 
 

@@ -22,8 +22,8 @@ from fractal_mlops.search.outcome import final_failures
 from fractal_mlops.stores import optuna_trials
 from fractal_mlops.stores.optuna_storage import heartbeat_settings, worker_identity, worker_is_gone
 from fractal_mlops.tracking import states
-from fractal_mlops.tracking.names import HEARTBEAT_ATTR, REASON_ATTR, VARIANT_ATTR, WORKER_ATTR
-from fractal_mlops.tracking.states import WORKER_LOST
+from fractal_mlops.tracking.names import HEARTBEAT_ATTR, REASON_ATTR, RUN_ID_ATTR, VARIANT_ATTR, WORKER_ATTR
+from fractal_mlops.tracking.states import RETRYABLE, WORKER_LOST
 
 if TYPE_CHECKING:
     import optuna
@@ -74,6 +74,21 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
     trial = create_trial(study, variants, choice)
     position = len(variants) - len(pending) + 1
     return trial, choice, position
+
+
+def resumable_run(study: optuna.Study, variant: Variant) -> str | None:
+    """The MLflow run of the point's last attempt when that attempt was cut short (interrupted,
+    its worker lost, a store or the GPU away): its trial continues in it, from its checkpoint."""
+    from optuna.trial import TrialState
+
+    attempts = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if t.params.get(VARIANT_ATTR) == variant.name]
+    if not attempts:
+        return None
+    last = max(attempts, key=lambda t: t.number)
+    if last.user_attrs.get(REASON_ATTR) not in RETRYABLE:
+        return None
+    return last.user_attrs.get(RUN_ID_ATTR)
 
 
 def create_trial(study: optuna.Study, variants: list[Variant], choice: Variant,

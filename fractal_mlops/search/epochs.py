@@ -16,7 +16,7 @@ re-run of the same trial stops at the same epoch. Knows nothing of Optuna.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fractal_mlops.errors import TrialStopped
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fractal_mlops.config.sections import PruningConfig
     from fractal_mlops.config.space import Variant
     from fractal_mlops.engine.data import Dataset
+    from fractal_mlops.engine.precision import Precision
     from fractal_mlops.engine.train import EpochResult, Trainer
     from fractal_mlops.tracking.tracker import Tracker
 
@@ -42,7 +43,7 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
                  threads: int) -> dict[str, Any]:
     """The trial's MLflow params: every dimension, the training settings, the variant name,
     the normalization the logged model expects its inputs to have had, and the runtime
-    (device.runtime_params)."""
+    (device.runtime_params). The precision is logged when training starts (train_and_log)."""
     import torch
 
     from fractal_mlops.engine.device import runtime_params
@@ -52,7 +53,7 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
     params["halting_threshold"] = config.evaluation.halting_threshold
     params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
                   data_mean=_rounded(data.mean), data_std=_rounded(data.std))
-    params.update(runtime_params(torch.device(device), config.training.amp))
+    params.update(runtime_params(torch.device(device)))
     return params
 
 
@@ -78,6 +79,7 @@ class TrialResults:
     best_val_acc: float | None = None
     param_count: int | None = None
     train_seconds: float = 0.0
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val_acc)
 
     def metrics(self) -> dict[str, float]:
         out = dict(self.final or {})
@@ -107,32 +109,59 @@ def record_epoch(tracker: Tracker, run_id: str, result: EpochResult, results: Tr
         raise TrialStopped(result.stop_reason)
     results.last_val_acc = result.val_acc
     results.best_val_acc = max(result.val_acc, results.best_val_acc or 0.0)
+    results.history.append((result.epoch, result.val_acc))
 
 
 def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset,
                   config: ExperimentConfig, device: torch.device, results: TrialResults,
                   on_epoch: EpochHook | None = None, stop_at: int | None = None,
-                  resume: bool = False) -> bool:
+                  checkpoints: bool = False, precision: Precision | None = None,
+                  precision_cache: dict | None = None) -> bool:
     """Train `variant` and log every epoch, the final metrics' inputs, the anytime curve
     (confidence-halted inference at `evaluation.halting_threshold`) and the model to `run_id`.
 
-    `resume`: continue from the run's checkpoint, if it has one. `stop_at`: stop after that
-    epoch (a halving rung) and save the training state as the run's checkpoint; returns False
-    then, True when the trial trained to its last epoch (`results.final` holds the final
-    metrics; the caller closes the run with `tracker.finish_trial(run_id, ..., results.metrics())`).
-    Raises TrialStopped (after logging that epoch) on a non-finite loss, on divergence, or when
-    `on_epoch` returns a reason.
+    The precision: the one the run recorded (a trial continued), else `precision` (reproduce
+    replays the original's), else the config's, timed per network when it says auto
+    (engine/autotune.py, once per network in `precision_cache`); logged as params.
+    `checkpoints`: continue from the run's checkpoint if it has one, and save the training
+    state at every epoch end before the last and at most every `training.checkpoint_minutes`
+    within an epoch. `stop_at`: stop after that epoch (a halving rung; needs `checkpoints`).
+    Returns True when the trial trained to its last epoch (`results.final` holds the final
+    metrics; the caller closes the run with `tracker.finish_trial(run_id, ..., results.metrics())`),
+    False when it stopped at `stop_at`. Raises TrialStopped (after logging that epoch) on a
+    non-finite loss, on divergence, or when `on_epoch` returns a reason.
     """
+    from fractal_mlops.engine.autotune import choose
+    from fractal_mlops.engine.precision import Precision
     from fractal_mlops.engine.train import Trainer
 
-    trainer = Trainer(variant.to_dict(), data, config.training, device,
-                      flip=config.data.use_flip)
+    settings = config.training
+    recorded = tracker.run_params(run_id)
+    if "amp_dtype" in recorded:  # a trial continued: the choice it made
+        precision = Precision.from_params(recorded, settings, device)
+    else:
+        choice = choose(variant.to_dict(), data, settings, device, precision_cache,
+                        fixed_precision=precision)
+        tracker.log_params(run_id, choice.params())
+        precision = choice.precision
+    trainer = Trainer(variant.to_dict(), data, settings, device, flip=config.data.use_flip,
+                      precision=precision)
     results.param_count = trainer.param_count
-    saved = tracker.load_checkpoint(run_id) if resume else None
+    saved = tracker.load_checkpoint(run_id) if checkpoints else None
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
         results.last_val_acc, results.best_val_acc = saved["last_val_acc"], saved["best_val_acc"]
+        results.history = [tuple(item) for item in saved.get("history", [])]
         results.train_seconds = trainer.train_seconds
+
+    def save(trainer_state: dict) -> None:
+        tracker.save_checkpoint(run_id, {"trainer": trainer_state, "history": results.history,
+                                         "last_val_acc": results.last_val_acc,
+                                         "best_val_acc": results.best_val_acc})
+
+    if checkpoints:
+        trainer.checkpoint_seconds = settings.checkpoint_minutes * 60 or None
+        trainer.on_checkpoint = save
     chance = 1.0 / data.num_classes
     for result in trainer.epochs(stop=stop_at):
         record_epoch(tracker, run_id, result, results, trainer.train_seconds)
@@ -140,10 +169,9 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
         reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
         if reason or hook_reason:
             raise TrialStopped(reason or hook_reason)
-    if trainer.epochs_done < config.training.epochs:
-        tracker.save_checkpoint(run_id, {"trainer": trainer.state_dict(),
-                                         "last_val_acc": results.last_val_acc,
-                                         "best_val_acc": results.best_val_acc})
+        if checkpoints and trainer.epochs_done < settings.epochs:
+            save(trainer.state_dict())
+    if trainer.epochs_done < settings.epochs:
         return False
     finish_training(tracker, run_id, trainer, data, config, results)
     return True

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
+    from fractal_mlops.engine.precision import Precision
+
 EXIT_MATCH, EXIT_DIFFER = EXIT_OK, EXIT_FAULT
 # + val_acc_column_<k>; halting_* on runs recorded since anytime halting exists
 FINAL_METRICS = ("final_val_acc", "best_val_acc", "param_count", "halting_val_acc",
@@ -157,7 +159,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
         0.0 if device.type == recorded_device == "cpu" else CUDA_ATOL)
     data = load_dataset(original.config.data)  # a missing dataset fails before any write
 
-    runtime = runtime_params(device, original.config.training.amp)
+    runtime = runtime_params(device)
     for warning in _warnings(original, data.digest, git_commit(), device.type, recorded_device,
                              runtime):
         log.warning("%s", warning)
@@ -193,7 +195,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     results, error = TrialResults(), None
     try:
         train_and_log(tracker, run_id, original.variant, data, original.config, device, results,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, precision=_recorded_precision(original, device))
     except (Exception, KeyboardInterrupt) as exc:  # a failed re-run is a result, recorded
         error = exc
     outcome = outcome_of(error)
@@ -216,6 +218,17 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
         return EXIT_MATCH
     print(f"DIFFERENT: the metrics are not {how} ({states}); see the rows marked DIFFERS")
     return EXIT_DIFFER
+
+
+def _recorded_precision(original: RecordedTrial, device) -> Precision:
+    """The precision the original trained in (amp: auto chose it by timing): replayed, where
+    this device has it (an fp16 CUDA run re-run on the CPU takes the CPU's own)."""
+    from fractal_mlops.engine.precision import Precision, fixed
+
+    recorded = Precision.from_params(original.params, original.config.training, device)
+    if device.type == "cpu" and str(recorded.amp_dtype) == "torch.float16":
+        return fixed(original.config.training, device)
+    return recorded
 
 
 def _warnings(original: RecordedTrial, digest: str, commit: str | None, device: str,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,3 +43,5 @@ class TrialContext:
     device: torch.device
     variants: list[Variant]
     interrupts: InterruptGuard
+    # engine/autotune.py's choices, once per distinct network on this worker
+    precision_cache: dict = field(default_factory=dict)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from fractal_mlops.config.space import Variant
 from fractal_mlops.errors import StopWorker, is_outage, one_line
-from fractal_mlops.search.claims import Heartbeat, claim_next, points_done, recover_lost_trials
+from fractal_mlops.search.claims import Heartbeat, claim_next, points_done, recover_lost_trials, resumable_run
 from fractal_mlops.search.epochs import TrialResults, train_and_log, trial_config_yaml, trial_params
 from fractal_mlops.search.outcome import Outcome, outcome_of
 from fractal_mlops.search.settings import TrialContext
@@ -48,22 +48,28 @@ def claim_and_run(ctx: TrialContext, progress: StudyProgress) -> bool:
         if claimed is not None:
             trial, variant, position = claimed
             progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
-            run_id = _start_run(ctx, trial, variant)
+            run_id, continued = _start_run(ctx, trial, variant, resumable_run(ctx.study, variant))
     except BaseException:
         ctx.interrupts.release(raise_pending=False)
         raise
     if claimed is None:
         ctx.interrupts.release()
         return False
-    run_trial(ctx, trial, variant, run_id, progress)
+    run_trial(ctx, trial, variant, run_id, progress, continued)
     return True
 
 
-def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
+def _start_run(ctx: TrialContext, trial, variant: Variant,
+               resume: str | None = None) -> tuple[str, bool]:
+    """The trial's MLflow run, and whether it is `resume`, an earlier attempt's run that this
+    trial continues (else a new one)."""
     import torch
 
     config, run_id = ctx.settings.config, None
     try:
+        if resume is not None and ctx.tracker.resume_trial(resume, trial.number):
+            trial.set_user_attr(RUN_ID_ATTR, resume)
+            return resume, True
         run_id = ctx.tracker.start_trial(
             ctx.parent_run_id, ctx.settings.study_name, trial.number, variant.name,
             trial_params(variant, config, ctx.data, ctx.device.type, torch.get_num_threads()),
@@ -75,11 +81,11 @@ def _start_run(ctx: TrialContext, trial, variant: Variant) -> str:
             outcome = Outcome(TrialState.FAIL, TRACKING_FAILED, killed=True, stops_worker=True)
         _record_where_possible(ctx, trial, run_id, outcome, TrialResults())
         stop_worker(trial.number, outcome, exc, PENDING)
-    return run_id
+    return run_id, False
 
 
 def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
-              progress: StudyProgress) -> None:
+              progress: StudyProgress, continued: bool = False) -> None:
     """Train a claimed trial whose run has started, then record how it ended (outcome_of) in
     both stores. Called with interrupts held (see claim_and_run): they are released where an
     interrupt is recorded."""
@@ -87,7 +93,7 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
     try:
         ctx.interrupts.release()  # raises a Ctrl-C that came while the trial was claimed
         with Heartbeat(ctx.study, trial):
-            train_and_track(ctx, trial, variant, run_id, results, progress)
+            train_and_track(ctx, trial, variant, run_id, results, progress, continued=continued)
     except (Exception, KeyboardInterrupt) as exc:  # every ending is recorded, as outcome_of says
         error = exc
     outcome = outcome_of(error)
@@ -112,25 +118,33 @@ def run_trial(ctx: TrialContext, trial, variant: Variant, run_id: str,
 
 def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
                     results: TrialResults, progress: StudyProgress,
-                    stop_at: int | None = None) -> bool:
+                    stop_at: int | None = None, continued: bool = False) -> bool:
     """epochs.train_and_log (shared with reproduce), plus Optuna's report and pruner; from the
-    run's checkpoint when it has one. `stop_at`: a halving rung's last epoch."""
+    run's checkpoint when it has one. `stop_at`: a halving rung's last epoch. `continued`: the
+    run is an earlier, interrupted attempt's, which this trial carries on."""
     config = ctx.settings.config
+    reported: set[int] = set()
+    if continued:  # the new trial learns the epochs its run trained before
+        for epoch, val_acc in ctx.tracker.val_acc_history(run_id):
+            report_value(ctx, trial, val_acc, epoch)
+            reported.add(epoch)
 
     def on_epoch(result) -> str | None:
         progress.epoch_done(result.epoch, result.val_acc, variant.name)
-        report_epoch(ctx, trial, result)
+        if result.epoch not in reported:  # an epoch logged but not saved is trained again
+            report_value(ctx, trial, result.val_acc, result.epoch)
         return pruner_reason(ctx, trial, result)
 
     return train_and_log(ctx.tracker, run_id, variant, ctx.data, config, ctx.device, results,
-                         on_epoch=on_epoch, stop_at=stop_at, resume=True)
+                         on_epoch=on_epoch, stop_at=stop_at, checkpoints=True,
+                         precision_cache=ctx.precision_cache)
 
 
-def report_epoch(ctx: TrialContext, trial, result) -> None:
-    """The epoch's val_acc to Optuna; on SQLite a Ctrl-C waits for the write (stores.sqlite_lock),
+def report_value(ctx: TrialContext, trial, val_acc: float, epoch: int) -> None:
+    """An epoch's val_acc to Optuna; on SQLite a Ctrl-C waits for the write (stores.sqlite_lock),
     as MLflow's SQLite writes do."""
     with sqlite_lock(ctx.settings.storage.location):
-        trial.report(result.val_acc, result.epoch)
+        trial.report(val_acc, epoch)
 
 
 def pruner_reason(ctx: TrialContext, trial, result) -> str | None:

@@ -59,6 +59,8 @@ from fractal_mlops.tracking.queries import role_query, search_all
 from fractal_mlops.tracking.states import RETRYABLE, RunStatus, TrialState
 from fractal_mlops.tracking.ui import finished_run_name, model_name, trial_description
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from fractal_mlops.engine.data import Dataset
     from fractal_mlops.engine.train import EpochResult
@@ -276,9 +278,48 @@ class Tracker:
         metrics = [Metric(k, v, now, 0, **model) for k, v in final_metrics.items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status or TrialState(state).run_status)
+        if not (state == TrialState.FAIL and reason in RETRYABLE):  # a retried trial resumes
+            self.delete_checkpoint(run_id)
         if record and record.parent_run_id:
             self.touch_study_run(record.parent_run_id)
             self._worked_for.add(record.parent_run_id)
+
+    def run_params(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.params)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self._log_params(run_id, params)
+        record = self._trials.get(run_id)
+        if record is not None:  # the logged model carries the trial's params
+            record.params.update({k: redact(str(v))[:6000] for k, v in params.items()})
+
+    def resume_trial(self, run_id: str, trial_number: int) -> bool:
+        """An interrupted trial's run trains on, now for Optuna trial `trial_number`: RUNNING
+        again, named after its variant, its earlier ending cleared. False when the run is not
+        there to continue (deleted, or in another store)."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        tags = run.data.tags
+        if run.info.lifecycle_stage != "active" or VARIANT not in tags:
+            return False
+        for key in (STATE, REASON):
+            if key in tags:
+                self.client.delete_tag(run_id, key)
+        epochs = len(self.client.get_metric_history(run_id, "val_acc"))
+        self.client.log_batch(run_id, tags=[
+            RunTag(RUN_NAME, tags[VARIANT]), RunTag(TRIAL_NUMBER, str(trial_number)),
+            RunTag(NOTE, f"**RUNNING** again (Optuna trial {trial_number}), from its last saved "
+                         f"state; {epochs} epoch(s) recorded before it was interrupted.")])
+        self.client.update_run(run_id, status=RunStatus.RUNNING)
+        return True
+
+    def val_acc_history(self, run_id: str) -> list[tuple[int, float]]:
+        """(epoch, val_acc) the run recorded, one per epoch (the last value of a step)."""
+        history = sorted(self.client.get_metric_history(run_id, "val_acc"),
+                         key=lambda m: (m.step, m.timestamp))
+        return sorted({m.step: m.value for m in history}.items())
 
     def reopen_run(self, run_id: str) -> None:
         """A waiting trial run trains again (halving: its next rung)."""
@@ -313,6 +354,25 @@ class Tracker:
                     path = self.client.download_artifacts(run_id, artifact, local)
                     return torch.load(path, map_location="cpu", weights_only=False)
         return None
+
+    def delete_checkpoint(self, run_id: str) -> None:
+        """A finished trial's saved state goes (its logged model stays); a store that cannot
+        delete artifacts keeps it, with a warning."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            run = self.client.get_run(run_id)
+            names = {a.path for folder in (CHECKPOINT_DIR, *LEGACY_CHECKPOINT_DIRS)
+                     for a in self.client.list_artifacts(run_id, folder)}
+            if not names:
+                return
+            repository = get_artifact_repository(run.info.artifact_uri)
+            for folder in (CHECKPOINT_DIR, *LEGACY_CHECKPOINT_DIRS):
+                if any(name.startswith(f"{folder}/") for name in names):
+                    repository.delete_artifacts(folder)
+        except Exception as exc:  # noqa: BLE001 - the trial's result stands; only space is lost
+            log.warning("run %s: its training checkpoint was not removed (%s)", run_id,
+                        " ".join(str(exc).split())[:200])
 
     def running_trial_runs(self, study_name: str) -> list[tuple[str, int]]:
         """(run ID, Optuna trial number) of the study's trial runs that are RUNNING."""

@@ -65,7 +65,7 @@ def test_block_has_2_pow_c_minus_1_units_and_deepest_path_2_pow_c_minus_1(column
             out = model(x, column=k)
         assert out.shape == (2, 10)
         assert calls.per_block == [2 ** (k - 1)] * 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"column must be in 1\.\.{columns}, got {columns + 1}"):
         model(x, column=columns + 1)
 
 
@@ -135,11 +135,11 @@ def test_norm_and_activation_kinds_are_built():
 
 
 def test_bad_model_arguments_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown op 'foo'"):
         FractalNet(**{**SMALL, "unit": "conv-foo"})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="drop_path 'sometimes' must be none, local or local"):
         FractalNet(**{**SMALL, "drop_path": "sometimes"})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("fractalnet", pretrained=True)
 
 

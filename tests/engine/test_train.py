@@ -202,7 +202,7 @@ def test_cuda_without_a_gpu_is_a_config_error():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ConfigError, match="CUDA"):
         resolve_device("cuda")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="device 'tpu' is unknown"):
         resolve_device("tpu")
 
 

@@ -36,6 +36,8 @@ SECRET = "Zq9-s3cr3t-Xy"
     f"cannot connect to 'postgresql://u:{SECRET}@h/db': refused",
     f"host=db user=u password={SECRET} dbname=optuna",
     f"host=db password='{SECRET}'",
+    f"host=db sslmode=verify-full sslpassword={SECRET} dbname=optuna",  # libpq key/value
+    f"https://acct.blob.core.windows.net/c/model.pt?sv=2024&sig={SECRET}&se=2030",  # a SAS URL
     f"mysql://u:{SECRET}@h/db (and again postgresql://u@h/db?password={SECRET})",
 ])
 def test_every_form_of_credential_is_hidden(text):

@@ -219,3 +219,19 @@ def test_bad_search_values_give_one_line_and_write_nothing(study_dir: StudyDir, 
     assert "Traceback" not in result.stderr
     assert not (study_dir.root / "mlflow.db").exists()
     assert not (study_dir.root / "optuna.journal").exists()
+
+
+def test_a_one_rung_plan_trains_every_point_to_the_end(study_dir: StudyDir):
+    """min_epochs == epochs: the first rung is the last, so its points end COMPLETE (not
+    WAITING for a ranking that never comes)."""
+    config = write_config(study_dir.root / "one.yaml", study_name="one",
+                          space={"blocks": [1], "columns": [1, 2], "width": [8],
+                                 "unit": ["conv-norm-act"]},
+                          training={"epochs": 1, "batch_size": 64},
+                          search={"mode": "halving", "min_epochs": 1})
+    done = study_dir.run("--config", str(config), *study_dir.args(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [t.state.name for t in study_dir.optuna_trials("one")] == ["COMPLETE", "COMPLETE"]
+    runs = study_dir.runs("one")
+    assert sorted((r.info.status, r.data.tags["fractal.state"]) for r in runs) == [
+        ("FINISHED", "COMPLETE")] * 2

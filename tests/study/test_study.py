@@ -224,7 +224,7 @@ def _cap_address_space() -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_closes_the_run_and_the_point_is_trained_on_resume(study_dir: StudyDir):
+def test_ctrl_c_closes_the_run_and_resuming_continues_it_where_it_stopped(study_dir: StudyDir):
     config = write_config(study_dir.root / "tiny.yaml", **LONG_TRIAL)
     proc = study_dir.popen("--config", str(config), *study_dir.args())
     run_id = study_dir.wait_for_running_trial(proc, epochs=1)
@@ -242,8 +242,14 @@ def test_ctrl_c_closes_the_run_and_the_point_is_trained_on_resume(study_dir: Stu
     assert resumed.returncode == 0, resumed.stderr
     trials = study_dir.optuna_trials("tiny")
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
-    assert trials[1].params["variant"] == trial.params["variant"]  # the point is trained again
-    assert sorted(r.info.status for r in study_dir.runs("tiny")) == ["FINISHED"] * 2 + ["KILLED"]
+    assert trials[1].params["variant"] == trial.params["variant"]  # the point is trained again,
+    assert trials[1].user_attrs["mlflow_run_id"] == run_id  # in the run it started in
+    assert sorted(r.info.status for r in study_dir.runs("tiny")) == ["FINISHED"] * 2
+    run = study_dir.client().get_run(run_id)
+    assert run.data.tags["fractal.state"] == "COMPLETE" and "fractal.reason" not in run.data.tags
+    assert run.info.run_name == trial.params["variant"]
+    steps = [m.step for m in study_dir.client().get_metric_history(run_id, "val_acc")]
+    assert sorted(steps) == list(range(1, 41))  # every epoch once: none trained twice
     assert [r.info.status for r in study_dir.runs("tiny", role="study")] == ["FINISHED"]
 
 
