@@ -49,7 +49,9 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
     from fractal_mlops.engine.device import runtime_params
 
     params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
-    params.update(config.to_dict()["training"], compile=config.training.compile)
+    training = config.to_dict()["training"]
+    training.pop("memory_format", None)  # the param is the format trained in (train_and_log)
+    params.update(training, compile=config.training.compile)
     params["halting_threshold"] = config.evaluation.halting_threshold
     params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
                   data_mean=_rounded(data.mean), data_std=_rounded(data.std))

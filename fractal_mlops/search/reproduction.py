@@ -159,7 +159,8 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
         0.0 if device.type == recorded_device == "cpu" else CUDA_ATOL)
     data = load_dataset(original.config.data)  # a missing dataset fails before any write
 
-    runtime = runtime_params(device)
+    precision = _recorded_precision(original, device)
+    runtime = {**runtime_params(device), **precision.params()}
     for warning in _warnings(original, data.digest, git_commit(), device.type, recorded_device,
                              runtime):
         log.warning("%s", warning)
@@ -195,7 +196,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
     results, error = TrialResults(), None
     try:
         train_and_log(tracker, run_id, original.variant, data, original.config, device, results,
-                      on_epoch=on_epoch, precision=_recorded_precision(original, device))
+                      on_epoch=on_epoch, precision=precision)
     except (Exception, KeyboardInterrupt) as exc:  # a failed re-run is a result, recorded
         error = exc
     outcome = outcome_of(error)

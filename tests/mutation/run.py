@@ -32,10 +32,10 @@ class Mutant:
     tests: tuple[str, ...]  # pytest arguments that should catch it
 
 
-INVARIANTS_STUDY = "tests/study/test_invariants.py"
-INVARIANTS_ENGINE = "tests/engine/test_invariants.py"
-INVARIANTS_REGISTRY = "tests/registry/test_invariants.py"
-RESUME = "tests/engine/test_resume.py"
+INVARIANTS_STUDY = "tests/study/test_study_invariants.py"
+INVARIANTS_ENGINE = "tests/engine/test_engine_invariants.py"
+INVARIANTS_REGISTRY = "tests/registry/test_registry_invariants.py"
+RESUME = "tests/engine/test_training_state.py"
 
 MUTANTS = [
     # halving
