@@ -74,9 +74,9 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: _run(args),
-                       "running trials are marked FAIL (interrupted), or in halving mode wait to "
-                       "resume their rung; no worker is left running; run the same command "
-                       "again to resume",
+                       "running trials are closed (interrupted) with their last saved state, "
+                       "or in halving mode wait to resume their rung; no worker is left "
+                       "running; run the same command again to resume them from that state",
                        quiet_interrupt=bool(os.environ.get("FRACTAL_WORKER_INDEX")))  # the launcher says it
 
 

@@ -9,10 +9,12 @@ For each mutant the source is changed in place (one exact snippet, which must oc
 its tests run with `pytest -x`, and the file is restored, whatever happens. A mutant is
 killed when its tests fail. Prints one line per mutant and the score; exit code 1 under 90 %.
 Not part of CI (it runs the same tests many times); its last score is in docs/development.md.
+It changes the working tree while it runs: run nothing else from this checkout meanwhile.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +167,8 @@ def run(mutant: Mutant) -> tuple[bool, float]:
 
 
 def main(words: list[str]) -> int:
+    # a SIGTERM (or Ctrl-C) lands as an exception, so `run` puts the source back
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     chosen = [m for m in MUTANTS if not words or any(w in m.name for w in words)]
     killed = 0
     for mutant in chosen:

@@ -103,5 +103,7 @@ def test_a_postgresql_storage_that_goes_away_is_waited_for_then_the_rerun_recove
         assert not [t for t in trials if t.state.name == "RUNNING"]
         assert [t.user_attrs.get("reason") for t in trials if t.state.name == "FAIL"] == [
             "worker lost"]  # the Optuna trial the outage left RUNNING, recovered by the rerun
-        assert study.client().get_run(run_id).info.status == "KILLED"
+        continued = study.client().get_run(run_id)  # and its run carried on by the next trial
+        assert continued.info.status == "FINISHED", continued.data.tags
+        assert continued.data.tags["fractal.state"] == "COMPLETE"
         assert not study.running_trial_runs()
