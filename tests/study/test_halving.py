@@ -221,6 +221,7 @@ def test_bad_search_values_give_one_line_and_write_nothing(study_dir: StudyDir, 
     assert not (study_dir.root / "optuna.journal").exists()
 
 
+@pytest.mark.slow
 def test_a_one_rung_plan_trains_every_point_to_the_end(study_dir: StudyDir):
     """min_epochs == epochs: the first rung is the last, so its points end COMPLETE (not
     WAITING for a ranking that never comes)."""
