@@ -54,7 +54,7 @@ MUTANTS = [
     Mutant("halving: ranks the worst first", "search/halving.py",
            "key=lambda t: (-t.user_attrs[key], order[t.params[\"variant\"]])",
            "key=lambda t: (t.user_attrs[key], order[t.params[\"variant\"]])",
-           ("tests/study/test_halving.py", "-k", "resumed_rung or keeps_a_third")),
+           ("tests/study/test_halving.py", "-k", "with_two_workers")),
     # the engine
     Mutant("join: never drops the last input", "engine/model.py",
            "keep = [drop_rng.random() >= drop_prob for _ in inputs]",
