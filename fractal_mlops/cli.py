@@ -14,7 +14,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from rich.console import Console
@@ -26,12 +28,15 @@ from fractal_mlops.errors import (
     ConfigError,
     ServerFault,
     StopWorker,
+    disk_full,
     exit_code_for,
     is_outage,
     one_line,
+    os_error,
+    os_error_line,
 )
+from fractal_mlops.signals import STOP_SIGNALS, InterruptGuard, signal_name
 from fractal_mlops.signals import exit_code as signal_exit_code
-from fractal_mlops.signals import signal_name
 
 from .stores.credentials import install_redaction, redact
 
@@ -92,8 +97,16 @@ def make_console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+MAX_ERROR_CHARS = 1000
+
+
 def error_line(message: str) -> None:
-    print(f"error: {redact(message)}", file=sys.stderr)
+    """`error: <message>` on stderr: one line, credentials redacted, at most MAX_ERROR_CHARS
+    (a value quoted from a huge config stays readable)."""
+    text = " ".join(redact(message).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + " ..."
+    print(f"error: {text}", file=sys.stderr)
 
 
 class _OneLine(logging.Handler):
@@ -133,12 +146,27 @@ def run_command(work: Callable[[], int], interrupted: str = "", quiet_interrupt:
 
     bad input (ConfigError)                 one line, exit 2
     a worker stopped, a server's 5xx        one line, exit 1
-    a store outage                          one line, exit 1: run the same command again
+    a store outage, a full disk             one line, exit 1: run the same command again
     any other MLflow error                  one line, exit 1 (a server's fault) or 2 (refused)
+    any other OS error (a file unwritable)  one line, exit 1
     a stop signal (Ctrl-C, SIGTERM, SIGHUP) `interrupted (SIGINT): <interrupted>`, exit 128 + N
     anything else                           a bug: its traceback
+
+    SIGTERM and SIGHUP stop the command as Ctrl-C does (signals.InterruptGuard), so whatever it
+    does on Ctrl-C (close its runs) it does on them too; once the work is over, a stop signal
+    ends the process at once, without a traceback from the interpreter's exit.
     """
     setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        InterruptGuard().install()
+    try:
+        return _work_with_one_line_errors(work, interrupted, quiet_interrupt)
+    finally:
+        exit_quietly_on_stop_signals()
+
+
+def _work_with_one_line_errors(work: Callable[[], int], interrupted: str,
+                               quiet_interrupt: bool) -> int:
     try:
         return work()
     except ConfigError as exc:
@@ -152,15 +180,32 @@ def run_command(work: Callable[[], int], interrupted: str = "", quiet_interrupt:
             error_line(f"interrupted ({signal_name(exc)})" + (f": {interrupted}" if interrupted else ""))
         return signal_exit_code(exc)
     except Exception as exc:
+        if disk_full(exc):
+            error_line(f"the disk is full ({one_line(exc, 300)}); free some space, then run the "
+                       "same command again: the running trial is then recovered")
+            return EXIT_FAULT
         if is_outage(exc):  # a store went away outside a trial's own handling
             error_line(f"a store stopped answering ({one_line(exc, 300)}); run the same command "
                        "again when it is back: the running trial is then recovered")
             return EXIT_FAULT
         message = mlflow_message(exc)
-        if message is None:
+        if message is not None:
+            error_line(message)
+            return exit_code_for(exc)  # a server's fault: 1; a refused request: 2
+        system = os_error(exc)
+        if system is None:
             raise
-        error_line(message)
-        return exit_code_for(exc)  # a server's fault: 1; a refused request: 2
+        error_line(os_error_line(system))
+        return EXIT_FAULT
+
+
+def exit_quietly_on_stop_signals() -> None:
+    """After the work: a stop signal ends the process at once with 128 + N (an interrupt in
+    the interpreter's exit handlers would print a traceback of MLflow's or Python's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: os._exit(128 + signum))
 
 
 def main(argv: list[str] | None = None) -> int:

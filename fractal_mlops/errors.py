@@ -2,7 +2,7 @@
 status first, by its message only as a fallback (kept for drivers that wrap everything).
 
 - outage:   the store cannot be reached (connection refused/reset, timeout, 502/503/504,
-            a database that went away): a worker stops, the rerun resumes;
+            a database that went away) or its disk is full: a worker stops, the rerun resumes;
 - conflict: a unique key taken by a concurrent writer: try again;
 - fault:    the server failed (another 5xx): exit 1;
 - refused:  the request itself was refused (4xx, invalid parameter, not found): exit 2.
@@ -10,6 +10,7 @@ status first, by its message only as a fallback (kept for drivers that wrap ever
 
 from __future__ import annotations
 
+import errno
 import re
 import signal
 from collections.abc import Iterator
@@ -27,6 +28,10 @@ _OUTAGE_TEXT = re.compile(r"API request to .* failed with exception|failed with 
                           r"|Connection refused|could not connect to server")
 _RETRIED_STATUS = re.compile(r"too many (\d{3}) error responses")
 _CONFLICT_TEXT = re.compile(r"UNIQUE constraint failed|duplicate key value")
+# A full disk (or quota), as the OS says it and as SQLite / PostgreSQL wrap it.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_DISK_TEXT = re.compile(r"database or disk is full|No space left on device|could not extend file"
+                        r"|Disk quota exceeded")
 
 
 class ConfigError(ValueError):
@@ -79,6 +84,8 @@ def classify(exc: BaseException) -> str | None:
     import requests
     import sqlalchemy.exc
 
+    if disk_full(exc):  # like an outage: the worker stops, the point stays pending
+        return OUTAGE
     for item in chain(exc):
         if isinstance(item, ServerFault):
             return FAULT
@@ -123,6 +130,12 @@ def _unique_type(item: BaseException) -> bool:
     return name == "UniqueViolation" or (name == "IntegrityError" and "UNIQUE" in str(item))
 
 
+def disk_full(exc: BaseException) -> bool:
+    """The disk (or the quota) of a store or of the artifacts is full."""
+    return any((isinstance(item, OSError) and item.errno in _DISK_ERRNOS)
+               or bool(_DISK_TEXT.search(str(item))) for item in chain(exc))
+
+
 def is_outage(exc: BaseException) -> bool:
     return classify(exc) == OUTAGE
 
@@ -151,6 +164,19 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The operating system's error behind `exc` (a file that cannot be written, a full disk),
+    or None."""
+    return next((item for item in chain(exc) if isinstance(item, OSError)
+                 and item.errno is not None), None)
+
+
+def os_error_line(error: OSError) -> str:
+    """`<what the OS said>: <file>`, as a user reads it."""
+    where = f": {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}"
 
 
 def one_line(exc: BaseException, limit: int = 1000) -> str:

@@ -28,7 +28,7 @@ from fractal_mlops.cli import (
 )
 from fractal_mlops.errors import EXIT_OK, ConfigError
 from fractal_mlops.reporting.paths import DEFAULT_TOP, default_out_dir
-from fractal_mlops.stores.locations import check_existing_store, resolve_tracking_uri
+from fractal_mlops.stores.locations import check_existing_store, check_folder, resolve_tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, str, Path, int]:
     out = Path(args.out) if args.out else default_out_dir(experiment)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    check_folder(out, f"--out {out}")
     uri = resolve_tracking_uri(args.tracking_uri, None)
     check_existing_store(uri)
     return uri, experiment, out, args.top

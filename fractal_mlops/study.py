@@ -26,6 +26,7 @@ from fractal_mlops.search.settings import StudySettings
 from fractal_mlops.signals import InterruptGuard
 from fractal_mlops.stores.locations import check_tracking_uri, resolve_tracking_uri
 from fractal_mlops.stores.optuna_storage import (
+    check_separate_stores,
     check_storage,
     heartbeat_settings,
     resolve_storage,
@@ -64,6 +65,7 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     config = replace(config, study_name=study_name, run=run)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, run.tracking_uri)
     storage = resolve_storage(args.storage, run.storage)
+    check_separate_stores(storage, tracking_uri)
     check_storage(storage)
     check_tracking_uri(tracking_uri)
     heartbeat_settings()  # a bad FRACTAL_HEARTBEAT_* is bad input, before any store is touched

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -144,10 +145,52 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# What a config may expand to, checked before anything is built: YAML aliases can make a
+# small file stand for billions of values (an "alias bomb"), and a few long dimension lists a
+# grid no study could walk.
+MAX_YAML_VALUES = 100_000
+MAX_GRID_POINTS = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded (memoized per node, so
+    an alias bomb is counted in linear time; stops counting past the limit)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_VALUES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
+def _read_yaml(text: str, where: Path) -> Any:
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise ConfigError(f"config {where} expands to more than {MAX_YAML_VALUES:,} values "
+                              "(YAML aliases?): refused")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | None = None) -> ExperimentConfig:
     resolved = resolve_config_path(path)
     try:
-        raw = yaml.load(resolved.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe
+        raw = _read_yaml(resolved.read_text(), resolved)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {resolved}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -204,6 +247,21 @@ def check_study_name(name: Any) -> str:
     return name
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def study_folder(name: str) -> str:
+    """The folder name of a study (its artifacts, its default report folder): the name itself
+    when it is plain ASCII (letters, digits, . _ -), else a readable ASCII form plus a short
+    hash of the exact name, so that two names never share a folder (`研究` and `実験` both read
+    `_`) and none can leave its parent (`..`, `../x`)."""
+    safe = _UNSAFE.sub("_", name).lstrip(".")
+    if safe == name:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{safe.strip('_') or 'study'}-{digest}"
+
+
 def parse_unit(unit: Any, where: str = "space.unit") -> tuple[str, ...]:
     """'conv-norm-act-drop' -> ('conv', 'norm', 'act', 'drop'), checked."""
     if not isinstance(unit, str) or not unit.strip():
@@ -238,6 +296,11 @@ def _check_space(raw: Any, data: DataConfig) -> dict[str, list[Any]]:
         space[dim] = [_check_value(dim, v) for v in values]
         if len(set(space[dim])) != len(space[dim]):
             raise ConfigError(f"space.{dim} lists a value twice: {space[dim]}")
+    combinations = math.prod(len(values) for values in space.values())
+    if combinations > MAX_GRID_POINTS:
+        sizes = " x ".join(str(len(space[dim])) for dim in DIMENSIONS)
+        raise ConfigError(f"the space has {combinations:,} combinations ({sizes}); a study "
+                          f"takes at most {MAX_GRID_POINTS:,}: split it into several studies")
     max_blocks = int(math.log2(min(data.shape[1:])))
     too_deep = [b for b in space["blocks"] if b > max_blocks]
     if too_deep:

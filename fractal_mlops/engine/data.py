@@ -158,6 +158,14 @@ def load_image_folder(root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, list
              for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ConfigError(f"{root} has class folders but no images")
+    if len(classes) < 2:
+        raise ConfigError(f"{root} has one class folder ({classes[0]}): a classifier needs at "
+                          "least 2 classes")
+    labelled = {label for label, _ in files}
+    empty = [name for label, name in enumerate(classes) if label not in labelled]
+    if empty:
+        raise ConfigError(f"{root / empty[0]} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                          "remove the class folder or add its images")
     key = hashlib.sha256()
     blobs = []
     for _, path in files:

@@ -89,7 +89,7 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
     if not runs:
         raise ConfigError(f"experiment {experiment_name!r} has no trial runs (tag {ROLE}=trial): "
                           "run its study first")
-    trials = [_record(run) for run in runs]
+    trials = _one_per_point([_record(run) for run in runs])
     dimensions = [d for d in _dimensions() if any(d in t.dims for t in trials)]
     varied = [d for d in dimensions if len({t.dims.get(d) for t in trials}) > 1]
     columns = [int(k.rsplit("_", 1)[1]) for t in trials for k in t.metrics
@@ -111,6 +111,19 @@ def collect(client: MlflowClient, experiment_name: str, tracking_uri: str, top: 
         if curve:
             data.anytime[trial.run_id] = curve
     return data
+
+
+def _one_per_point(trials: list[TrialRecord]) -> list[TrialRecord]:
+    """A grid point trained in more than one run (an attempt interrupted before trials
+    continued their run, a lost worker's run) counts once: as its COMPLETE run, else its
+    latest. The other attempts stay in MLflow; the report is about the grid."""
+    kept: dict[str, TrialRecord] = {}
+    for trial in sorted(trials, key=lambda t: t.start_time):
+        held = kept.get(trial.variant)
+        if held is None or trial.state == "COMPLETE" or held.state != "COMPLETE":
+            kept[trial.variant] = trial
+    chosen = {id(trial) for trial in kept.values()}
+    return [trial for trial in trials if id(trial) in chosen]  # in the order given
 
 
 def matched(trials: list[TrialRecord], dim: str, dimensions: list[str]) -> list[TrialRecord]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from fractal_mlops.config.experiment import study_folder
 
 DEFAULT_TOP = 10
 
 
 def default_out_dir(experiment: str) -> Path:
-    return Path("mlruns") / "reports" / re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
+    return Path("mlruns") / "reports" / study_folder(experiment)

@@ -12,6 +12,7 @@ for writing an attribute of a trial by ID from another thread: optuna_trials has
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import datetime
@@ -22,8 +23,17 @@ from fractal_mlops.search.outcome import final_failures
 from fractal_mlops.stores import optuna_trials
 from fractal_mlops.stores.optuna_storage import heartbeat_settings, worker_identity, worker_is_gone
 from fractal_mlops.tracking import states
-from fractal_mlops.tracking.names import HEARTBEAT_ATTR, REASON_ATTR, RUN_ID_ATTR, VARIANT_ATTR, WORKER_ATTR
+from fractal_mlops.tracking.names import (
+    HEARTBEAT_ATTR,
+    PARAM_COUNT_ATTR,
+    REASON_ATTR,
+    RUN_ID_ATTR,
+    VARIANT_ATTR,
+    WORKER_ATTR,
+)
 from fractal_mlops.tracking.states import RETRYABLE, WORKER_LOST
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import optuna
@@ -123,14 +133,38 @@ def recover_lost_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
         if not worker_is_gone(t.user_attrs.get(WORKER_ATTR), t.user_attrs.get(HEARTBEAT_ATTR)):
             continue
         try:
-            optuna_trials.set_attr(study, t, REASON_ATTR, WORKER_LOST)
-            study.tell(t.number, state=TrialState.FAIL)
+            if not _tell_recorded_end(study, t, tracker):
+                optuna_trials.set_attr(study, t, REASON_ATTR, WORKER_LOST)
+                study.tell(t.number, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # its worker finished it after all
             continue
         lost.append(t.number)
     if lost:
         close_orphaned_runs(study, tracker)
     return lost
+
+
+def _tell_recorded_end(study: optuna.Study, t, tracker: Tracker) -> bool:
+    """A worker that closed its trial's run COMPLETE or PRUNED and was lost before Optuna heard
+    it (killed in between, or the journal's last record cut by a full disk) finished the
+    trial: Optuna is told what the run recorded, so the point is neither trained again nor
+    counted as a failure. False when the run recorded no such end."""
+    from optuna.trial import TrialState
+
+    end = tracker.recorded_end(t.user_attrs.get(RUN_ID_ATTR), t.number)
+    if end is None:
+        return False
+    if end.param_count is not None:
+        optuna_trials.set_attr(study, t, PARAM_COUNT_ATTR, int(end.param_count))
+    if end.state is states.TrialState.COMPLETE:
+        study.tell(t.number, end.final_val_acc)
+    else:
+        if end.reason:
+            optuna_trials.set_attr(study, t, REASON_ATTR, end.reason)
+        study.tell(t.number, state=TrialState.PRUNED)
+    log.warning("trial %d of a lost worker had recorded its end in MLflow (%s): "
+                "Optuna now has it too", t.number, end.state.value)
+    return True
 
 
 def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:

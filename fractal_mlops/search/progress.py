@@ -81,6 +81,17 @@ class TrialRow:
     reason: str | None
 
 
+def one_per_point(rows: list[TrialRow]) -> list[TrialRow]:
+    """A grid point trained more than once (interrupted, its worker lost, then trained again)
+    counts once: as its COMPLETE trial, else its latest. In trial-number order."""
+    kept: dict[str, TrialRow] = {}
+    for row in sorted(rows, key=lambda r: r.number):
+        held = kept.get(row.variant)
+        if held is None or row.state == "COMPLETE" or held.state != "COMPLETE":
+            kept[row.variant] = row
+    return sorted(kept.values(), key=lambda r: r.number)
+
+
 def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_size: int,
                 wall_seconds: float, ui_command: str, top: int = 10) -> None:
     complete = sorted((r for r in rows if r.state == "COMPLETE"),

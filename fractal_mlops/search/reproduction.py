@@ -13,6 +13,7 @@ from fractal_mlops.config.experiment import ExperimentConfig, parse_config
 from fractal_mlops.config.space import Variant
 from fractal_mlops.errors import EXIT_FAULT, EXIT_OK, ConfigError
 from fractal_mlops.search.comparison import EPOCH_METRICS, EpochTable, compare_finals
+from fractal_mlops.signals import stop_signals_held
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.tracking.names import (
     CONFIG_SHA,
@@ -171,17 +172,7 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
           + (f" with {threads} threads" if device.type == "cpu" else ""))
 
     tracker = Tracker(uri, original.experiment_name)
-    run_id = tracker.start_trial(
-        original.tags.get(PARENT_RUN_ID, ""), original.tags.get(STUDY_NAME, ""),
-        _int(trial) or 0, original.variant.name,
-        trial_params(original.variant, original.config, data, device.type, threads),
-        original.config_yaml, original.tags.get(CONFIG_SHA, original.config.sha256), data,
-        extra_tags=_reproduction_tags(original))
-    print(f"new run {run_id} in experiment {original.experiment_name} "
-          f"(tag {REPRODUCES}={original.run_id})")
-
     table = EpochTable(original.epochs, tolerance)
-    table.print_header()
 
     def on_epoch(result) -> str | None:
         table.print_row(result.epoch, result.metrics())
@@ -193,15 +184,30 @@ def reproduce(client: MlflowClient, uri: str, original: RecordedTrial, atol: flo
                     f"({original.state}{': ' + why if why else ''})")
         return None
 
-    results, error = TrialResults(), None
+    # A stop signal (Ctrl-C, SIGTERM, SIGHUP: cli.run_command makes each an interrupt) waits
+    # while the run is created and closed, so that it is never left RUNNING.
+    results, error, run_id = TrialResults(), None, None
     try:
+        with stop_signals_held():
+            run_id = tracker.start_trial(
+                original.tags.get(PARENT_RUN_ID, ""), original.tags.get(STUDY_NAME, ""),
+                _int(trial) or 0, original.variant.name,
+                trial_params(original.variant, original.config, data, device.type, threads),
+                original.config_yaml, original.tags.get(CONFIG_SHA, original.config.sha256),
+                data, extra_tags=_reproduction_tags(original))
+        print(f"new run {run_id} in experiment {original.experiment_name} "
+              f"(tag {REPRODUCES}={original.run_id})")
+        table.print_header()
         train_and_log(tracker, run_id, original.variant, data, original.config, device, results,
                       on_epoch=on_epoch, precision=precision)
     except (Exception, KeyboardInterrupt) as exc:  # a failed re-run is a result, recorded
+        if run_id is None:
+            raise
         error = exc
     outcome = outcome_of(error)
     state, reason = outcome.state, outcome.reason
-    tracker.finish_trial(run_id, state, reason, results.metrics(), status=outcome.run_status)
+    with stop_signals_held():
+        tracker.finish_trial(run_id, state, reason, results.metrics(), status=outcome.run_status)
     if isinstance(error, KeyboardInterrupt):
         raise error
     new_epochs = _epochs_of(client, run_id)  # what the new run recorded, read back

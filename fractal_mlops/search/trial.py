@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, NoReturn
 
 from fractal_mlops.config.space import Variant
-from fractal_mlops.errors import StopWorker, is_outage, one_line
+from fractal_mlops.errors import StopWorker, disk_full, is_outage, one_line
 from fractal_mlops.search.claims import Heartbeat, claim_next, points_done, recover_lost_trials, resumable_run
 from fractal_mlops.search.epochs import TrialResults, train_and_log, trial_config_yaml, trial_params
 from fractal_mlops.search.outcome import Outcome, outcome_of
@@ -211,6 +211,10 @@ def stop_worker(number: int, outcome: Outcome, error: BaseException | None,
             f"the GPU failed in trial {number} ({one_line(error, 300)}): this process's CUDA "
             "context is gone, so the worker stops; check the GPU (nvidia-smi), then run the "
             f"same command again: {then}") from None
+    if error is not None and disk_full(error):
+        raise StopWorker(
+            f"the disk is full: trial {number} could not be recorded ({one_line(error, 300)}); "
+            f"free some space, then run the same command again: {then}") from None
     store = "the Optuna storage" if outcome.reason == STORAGE_FAILED else "the tracking store"
     raise StopWorker(
         f"{store} could not record trial {number} ({one_line(error, 300)}); run the same "

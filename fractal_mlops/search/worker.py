@@ -24,10 +24,11 @@ from fractal_mlops.search.claims import close_orphaned_runs, grid_sampler, point
 from fractal_mlops.search.halving import describe_plan
 from fractal_mlops.search.halving_trial import claim_and_run_rung
 from fractal_mlops.search.preflight import check_feasible
-from fractal_mlops.search.progress import StudyProgress, TrialRow, leaderboard, worker_prefix
+from fractal_mlops.search.progress import StudyProgress, TrialRow, leaderboard, one_per_point, worker_prefix
 from fractal_mlops.search.settings import StudySettings, TrialContext
 from fractal_mlops.search.trial import claim_and_run
 from fractal_mlops.signals import InterruptGuard
+from fractal_mlops.stores.library_log import route_library_logs
 from fractal_mlops.stores.optuna_storage import claim_lock, open_storage
 from fractal_mlops.stores.repair import restart_study, trained_nothing
 from fractal_mlops.tracking.names import (
@@ -91,6 +92,7 @@ def run_worker(settings: StudySettings, console: Console, interrupts: InterruptG
 def open_stores(settings: StudySettings, variants: list[Variant]):
     """The Optuna study, the MLflow experiment and the study's parent run, created once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    route_library_logs("optuna")  # its warnings to the log file: the worker says its own
     config = settings.config
     with claim_lock(settings.storage, settings.study_name):
         # The study first: a config that does not match it is refused before the tracking
@@ -160,6 +162,7 @@ def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | 
         rows.append(TrialRow(t.number, t.user_attrs.get(VARIANT_ATTR, "?"), t.state.name, t.value
                              if t.state.name == "COMPLETE" else None,
                              t.user_attrs.get(PARAM_COUNT_ATTR), seconds, t.user_attrs.get(REASON_ATTR)))
+    rows = one_per_point(rows)
     if tracker is not None and parent_run_id:
         counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
                   for s in TrialState}

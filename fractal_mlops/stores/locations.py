@@ -13,7 +13,8 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,8 +73,8 @@ def check_sqlite_url(url: str, what: str) -> None:
     if path is None:
         raise ConfigError(f"{what} {url!r}: give a database file, e.g. sqlite:///mlruns/mlflow.db")
     check_folder(path.parent, f"{what} {url!r}")
-    flag = "--tracking-uri" if what == "tracking URI" else "--storage"
-    check_sqlite_file(path, f"{what} file", flag)
+    flag, kind = ("--tracking-uri", "mlflow") if what == "tracking URI" else ("--storage", "optuna")
+    check_sqlite_file(path, f"{what} file", flag, kind)
 
 
 def check_database_url(url: str, what: str) -> None:
@@ -132,6 +133,61 @@ def sqlite_lock(url: str) -> Iterator[None]:
         return
     with file_lock(path.with_name(path.name + ".lock")), stop_signals_held():
         yield
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str, key_text: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock named by `key_text`: one holder at a time across
+    every host that uses the database."""
+    import sqlalchemy
+
+    from fractal_mlops.stores.outage import POSTGRES_CONNECT_ARGS
+
+    key = zlib.crc32(key_text.encode())
+    engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=dict(POSTGRES_CONNECT_ARGS))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def store_lock(url: str) -> Iterator[None]:
+    """Around opening a store that may be new: MLflow and Optuna create and migrate a new
+    database's tables when they first open it, and two processes doing that at once on one
+    database fail (alembic's duplicate tables, SQLite's lock). SQLite: the store file's lock
+    (sqlite_lock); PostgreSQL: an advisory lock of the database; anything else: nothing."""
+    if url.startswith(("postgresql", "postgres:")):
+        with advisory_lock(url, "fractal_mlops:store-schema"):
+            yield
+        return
+    with sqlite_lock(url):
+        yield
+
+
+def create_sqlite_atomically(url: str, create: Callable[[str], None]) -> None:
+    """A new SQLite store (no file, or an empty one) is created whole or not at all: `create`
+    builds its tables in a temporary file beside it (given that file's URL), which then takes
+    the store's name. MLflow's and Optuna's table creation commit table by table, so a full
+    disk or a kill in the middle would leave a store that neither can open or create again.
+    Call it under store_lock; any other store is left alone."""
+    path = sqlite_path(url)
+    if path is None or (path.exists() and path.stat().st_size > 0):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.new-{os.getpid()}")
+    try:
+        create(f"sqlite:///{temporary.absolute()}")
+        os.replace(temporary, path)
+    finally:
+        for leftover in (temporary, temporary.with_name(temporary.name + "-journal")):
+            leftover.unlink(missing_ok=True)
 
 
 # -- the MLflow tracking store ------------------------------------------------------------

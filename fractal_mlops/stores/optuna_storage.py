@@ -28,12 +28,15 @@ from urllib.parse import urlsplit
 from fractal_mlops.errors import ConfigError
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.stores.locations import (
+    advisory_lock,
     check_database_url,
     check_folder,
     check_sqlite_url,
+    create_sqlite_atomically,
     file_lock,
     sqlalchemy_url,
     sqlite_path,
+    store_lock,
 )
 from fractal_mlops.stores.outage import POSTGRES_CONNECT_ARGS, wait_for_storage
 from fractal_mlops.stores.repair import check_journal, repair_journal
@@ -82,6 +85,24 @@ def check_storage(spec: StorageSpec) -> None:
         check_database_url(spec.location, "storage")
 
 
+def check_separate_stores(spec: StorageSpec, tracking_uri: str) -> None:
+    """MLflow's store and Optuna's need a database (or file) each: both keep an
+    alembic_version table for their own migrations, and a journal is not a database."""
+    tracking_file = sqlite_path(tracking_uri)
+    if spec.kind == "journal" or sqlite_path(spec.location) is not None:
+        storage_file = (Path(spec.location) if spec.kind == "journal"
+                        else sqlite_path(spec.location))
+        same = (tracking_file is not None and storage_file is not None
+                and tracking_file.expanduser().resolve() == storage_file.expanduser().resolve())
+        shown = str(storage_file)
+    else:
+        same = sqlalchemy_url(tracking_uri) == spec.location
+        shown = redact(spec.location)
+    if same:
+        raise ConfigError(f"--tracking-uri and --storage are the same database ({shown}): "
+                          "MLflow and Optuna each need their own")
+
+
 def open_storage(spec: StorageSpec):
     import optuna
 
@@ -98,7 +119,10 @@ def open_storage(spec: StorageSpec):
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if spec.location.startswith("postgresql"):
         engine_kwargs["connect_args"] = dict(POSTGRES_CONNECT_ARGS)
-    storage = optuna.storages.RDBStorage(spec.location, engine_kwargs=engine_kwargs)
+    with store_lock(spec.location):  # a new database's tables: one process at a time
+        create_sqlite_atomically(  # whole or not at all
+            spec.location, lambda url: optuna.storages.RDBStorage(url).engine.dispose())
+        storage = optuna.storages.RDBStorage(spec.location, engine_kwargs=engine_kwargs)
     if spec.location.startswith("postgresql"):
         wait_for_storage(storage.engine, spec.location)
     return storage
@@ -108,7 +132,7 @@ def open_storage(spec: StorageSpec):
 def claim_lock(spec: StorageSpec, study_name: str) -> Iterator[None]:
     """Mutual exclusion among all workers of one study while a grid point is claimed."""
     if spec.kind == "rdb" and spec.location.startswith("postgresql"):
-        with _advisory_lock(spec.location, study_name):
+        with advisory_lock(spec.location, f"fractal_mlops:{study_name}"):
             yield
         return
     database = sqlite_path(spec.location)
@@ -119,22 +143,6 @@ def claim_lock(spec: StorageSpec, study_name: str) -> Iterator[None]:
         path = Path(os.environ.get("TMPDIR", "/tmp")) / name
     with file_lock(path.with_name(path.name + f".{zlib.crc32(study_name.encode()):08x}.claim")):
         yield
-
-
-@contextlib.contextmanager
-def _advisory_lock(url: str, study_name: str) -> Iterator[None]:
-    import sqlalchemy
-
-    key = zlib.crc32(f"fractal_mlops:{study_name}".encode())
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                      connect_args=dict(POSTGRES_CONNECT_ARGS))
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    engine.dispose()
 
 
 # -- worker liveness ------------------------------------------------------------------------

@@ -122,8 +122,16 @@ def repair_journal(path: Path) -> None:
                 aside, len(scan.good))
 
 
-def check_sqlite_file(path: Path, what: str, flag: str) -> None:
-    """A SQLite store that exists must be a whole, writable database. Reads only."""
+# Tables that say whose a SQLite file is: a store is refused in a file that lacks its own, or
+# holds the other store's (MLflow's and Optuna's tables in one file clash: both keep an
+# alembic_version table, each for its own migrations).
+STORE_TABLES = {"mlflow": {"experiments", "runs"}, "optuna": {"studies", "trials", "version_info"}}
+STORE_TITLES = {"mlflow": "an MLflow tracking store", "optuna": "an Optuna storage"}
+
+
+def check_sqlite_file(path: Path, what: str, flag: str, kind: str) -> None:
+    """A SQLite store that exists must be a whole, writable database of the `kind` of store
+    asked for ("mlflow" or "optuna"), or an empty one. Reads only."""
     if not path.exists():
         return
     if not path.is_file():
@@ -131,10 +139,14 @@ def check_sqlite_file(path: Path, what: str, flag: str) -> None:
     _check_writable(path, what, flag)
     if path.stat().st_size == 0:
         return  # SQLite makes an empty file a new database
+    tables: set[str] = set()
     try:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             result = conn.execute("PRAGMA quick_check(1)").fetchone()
+            if result is not None and result[0] == "ok":
+                tables = {row[0] for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -144,6 +156,21 @@ def check_sqlite_file(path: Path, what: str, flag: str) -> None:
         raise ConfigError(f"{what} {path} is damaged ({problem}): restore it from a backup, or "
                           f"move it away and pass another {flag} (`sqlite3 {path} .recover` "
                           "may rescue its records)")
+    _check_store_kind(path, tables, kind, what, flag)
+
+
+def _check_store_kind(path: Path, tables: set[str], kind: str, what: str, flag: str) -> None:
+    """Nothing is written into another application's database, nor into the other store."""
+    if not tables:
+        return  # a new database
+    other = "optuna" if kind == "mlflow" else "mlflow"
+    if STORE_TABLES[other] <= tables:
+        raise ConfigError(f"{what} {path} is {STORE_TITLES[other]}, not {STORE_TITLES[kind]}: "
+                          f"pass another {flag} (the two stores need separate files)")
+    if not STORE_TABLES[kind] <= tables:
+        shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        raise ConfigError(f"{what} {path} is another application's database (tables {shown}), "
+                          f"not {STORE_TITLES[kind]}: pass another {flag}")
 
 
 def _check_writable(path: Path, what: str, flag: str) -> None:

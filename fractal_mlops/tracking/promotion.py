@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fractal_mlops.errors import EXIT_FAULT, EXIT_OK, ConfigError
+from fractal_mlops.signals import stop_signals_held
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.tracking.compat import mismatch
 from fractal_mlops.tracking.names import STATE
@@ -70,6 +71,12 @@ def promote(client: MlflowClient, s: PromoteSettings) -> int:
           + tie_note)
 
     current = aliases(client, s.model_name)
+    with stop_signals_held():  # a stop signal waits: a new version gets its alias, or no version
+        return _register_and_move(client, s, best, current)
+
+
+def _register_and_move(client: MlflowClient, s: PromoteSettings, best: Candidate,
+                       current: dict[str, str]) -> int:
     version, created = register(client, s.model_name, best, s.metric, s.experiment, (
         "FractalNet variants promoted from fractal_mlops studies. Alias "
         f"'{s.alias}': the promoted version; '{s.previous_alias}': the one "
@@ -172,11 +179,12 @@ def rollback(client: MlflowClient, s: PromoteSettings) -> int:
         print(f"nothing to roll back to: no version of {s.model_name!r} has the alias "
               f"{s.previous_alias!r}", file=sys.stderr)
         return EXIT_NOTHING
-    client.set_registered_model_alias(s.model_name, s.alias, previous)
-    if champion is not None:
-        client.set_registered_model_alias(s.model_name, s.previous_alias, champion)
-    else:
-        client.delete_registered_model_alias(s.model_name, s.previous_alias)
+    with stop_signals_held():  # the two aliases swap together
+        client.set_registered_model_alias(s.model_name, s.alias, previous)
+        if champion is not None:
+            client.set_registered_model_alias(s.model_name, s.previous_alias, champion)
+        else:
+            client.delete_registered_model_alias(s.model_name, s.previous_alias)
     print(f"rolled back: {s.model_name}@{s.alias} -> version {previous}"
           + (f" (was version {champion}, which now holds @{s.previous_alias}; the same command "
              "undoes this)" if champion is not None else ""))

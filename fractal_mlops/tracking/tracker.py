@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -30,9 +29,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from fractal_mlops.config.experiment import study_folder
 from fractal_mlops.errors import is_unique_violation
 from fractal_mlops.stores.credentials import redact
-from fractal_mlops.stores.locations import artifact_root_for, sqlite_lock
+from fractal_mlops.stores.library_log import route_library_logs
+from fractal_mlops.stores.locations import (
+    artifact_root_for,
+    create_sqlite_atomically,
+    sqlite_lock,
+    store_lock,
+)
 from fractal_mlops.tracking.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -75,15 +81,30 @@ def configure(uri: str) -> None:
       our own lines.
     - No warning about the pickle format on every logged model: loading it runs this project's
       own code only.
+    - MLflow's own log records (a failing store logs every retry with its traceback) go to
+      the log file of stores/library_log.py: the command says what happened in one line.
     """
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    route_library_logs("mlflow", "alembic", "sqlalchemy")  # a log file, not the console
 
 
 def open_store(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with store_lock(uri):  # MLflow migrates an older store's tables when it opens it
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _create_store(uri: str) -> None:
+    """A new SQLite store's tables, made whole before the store file appears (see
+    stores.locations.create_sqlite_atomically). Called under store_lock."""
+    def create(temporary_uri: str) -> None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(temporary_uri, artifact_root_for(uri)).engine.dispose()
+
+    create_sqlite_atomically(uri, create)
 
 
 def git_commit() -> str | None:
@@ -123,6 +144,16 @@ class _OneWriterAtATime:
         return call
 
 
+@dataclass(frozen=True)
+class RecordedEnd:
+    """A trial's end as its MLflow run recorded it (see Tracker.recorded_end)."""
+
+    state: TrialState
+    final_val_acc: float | None
+    reason: str | None
+    param_count: float | None
+
+
 class Tracker:
     """MLflow records of one experiment (= one study), through an explicit MlflowClient."""
 
@@ -131,11 +162,12 @@ class Tracker:
             raise RuntimeError("MLflow's process-wide tracking URI is not the tracker's: call "
                                "tracking.configure(uri) first")
         self.uri = tracking_uri
-        self.client: MlflowClient = MlflowClient(tracking_uri)
+        with store_lock(tracking_uri):  # a new store's tables are created: one process at a time
+            _create_store(tracking_uri)
+            self.client: MlflowClient = MlflowClient(tracking_uri)
+            self.experiment_id = self._experiment(experiment_name)
         if tracking_uri.startswith("sqlite:///"):
             self.client = _OneWriterAtATime(self.client, tracking_uri)  # type: ignore[assignment]
-        with sqlite_lock(tracking_uri):  # first use creates the tables: one process at a time
-            self.experiment_id = self._experiment(experiment_name)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit()
         self._trials: dict[str, _TrialRecord] = {}  # runs this process started
@@ -151,7 +183,7 @@ class Tracker:
                                                CUSTOM_MODEL_DEVELOPMENT)
             return existing.experiment_id
         root = artifact_root_for(self.uri)
-        location = f"{root}/{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}" if root else None
+        location = f"{root}/{study_folder(name)}" if root else None
         try:
             return self.client.create_experiment(name, artifact_location=location,
                                                  tags={EXPERIMENT_KIND: CUSTOM_MODEL_DEVELOPMENT})
@@ -373,6 +405,26 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - the trial's result stands; only space is lost
             log.warning("run %s: its training checkpoint was not removed (%s)", run_id,
                         " ".join(str(exc).split())[:200])
+
+    def recorded_end(self, run_id: str | None, trial_number: int) -> RecordedEnd | None:
+        """How trial `trial_number` ended, as its run recorded it: the run is closed (FINISHED)
+        with the state COMPLETE or PRUNED, for that trial. None otherwise (no such run, still
+        running, waiting for a rung, failed, or continued by a later trial)."""
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        tags = run.data.tags
+        if (run.info.status != RunStatus.FINISHED.value or tags.get(TRIAL_NUMBER) != str(trial_number)
+                or tags.get(STATE) not in (TrialState.COMPLETE.value, TrialState.PRUNED.value)):
+            return None
+        state = TrialState(tags[STATE])
+        value = run.data.metrics.get("final_val_acc")
+        if state is TrialState.COMPLETE and value is None:
+            return None
+        return RecordedEnd(state, value, tags.get(REASON), run.data.metrics.get("param_count"))
 
     def running_trial_runs(self, study_name: str) -> list[tuple[str, int]]:
         """(run ID, Optuna trial number) of the study's trial runs that are RUNNING."""

@@ -190,7 +190,8 @@ def test_the_recorded_thread_count_is_used_whatever_this_process_would_default_t
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_and_closes_the_new_run_fail_interrupted(store):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_exits_128_plus_n_and_closes_the_new_run_fail_interrupted(store, signum):
     client = mlflow_client(store.uri)
     source = complete_trial(client)
     # the same trial, recorded with far more epochs than the test lets it train
@@ -201,15 +202,15 @@ def test_ctrl_c_exits_130_and_closes_the_new_run_fail_interrupted(store):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell
     try:                                                                  # may ignore SIGINT
         run_id = wait_for_training_run(client, long, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
-    assert proc.returncode == 130, out[-2000:] + err[-2000:]
-    assert "interrupted" in err.strip().splitlines()[-1], err
+    assert proc.returncode == 128 + signum, out[-2000:] + err[-2000:]
+    assert f"interrupted ({signal.Signals(signum).name})" in err.strip().splitlines()[-1], err
     assert "Traceback" not in err
     copy = client.get_run(run_id)
     assert copy.info.status == "KILLED"
