@@ -22,17 +22,20 @@ if TYPE_CHECKING:
 
 EVALUATORS = ("fanova", "ped_anova")
 MIN_TRIALS = 3  # fewer COMPLETE trials say nothing about importance
+TOP_TRIALS = 3  # PED-ANOVA's "good" trials: the top 10 %, but at least this many
 log = logging.getLogger(__name__)
 
 
-def _evaluator(name: str):
+def _evaluator(name: str, n_trials: int):
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
     if name == "fanova":
         return FanovaImportanceEvaluator(seed=0)
-    # the top 10 % of the trials against all of them (Optuna's defaults); evaluate_on_local
-    # off: the grid is the whole space, not a region around the best trials
-    return PedAnovaImportanceEvaluator(evaluate_on_local=False)
+    # the top trials against all of them: Optuna's top 10 %, but at least TOP_TRIALS (with
+    # 12 trials its 10 % is the best trial alone, and every param of that one trial "matters");
+    # evaluate_on_local off: the grid is the whole space, not a region around the best trials
+    quantile = min(0.5, max(0.1, TOP_TRIALS / n_trials))
+    return PedAnovaImportanceEvaluator(target_quantile=quantile, evaluate_on_local=False)
 
 
 def importances(trials: list[TrialRecord], dimensions: list[str]) -> dict[str, dict[str, float]]:
@@ -58,7 +61,7 @@ def importances(trials: list[TrialRecord], dimensions: list[str]) -> dict[str, d
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental-API warnings
                 out[name] = dict(optuna.importance.get_param_importances(
-                    study, evaluator=_evaluator(name), params=dims))
+                    study, evaluator=_evaluator(name, len(scored)), params=dims))
         except Exception as exc:  # noqa: BLE001 - one evaluator failing leaves the other
             log.warning("parameter importance (%s) not computed: %s", name, exc)
     return out
