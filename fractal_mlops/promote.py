@@ -2,16 +2,22 @@
 
     python -m fractal_mlops.promote [--experiment NAME] [--metric val_acc] [--model-name FractalNet]
         [--alias champion] [--min-delta X] [--force] [--tracking-uri URI]
+        [--max-params N] [--max-flops N] [--max-latency-ms X] [--pareto]
     python -m fractal_mlops.promote --rollback [--model-name FractalNet] [--alias champion]
 
 1. Pick the best COMPLETE trial run of the experiment by its final metric (`val_acc` means
    `final_val_acc`; losses, seconds, megabytes and counts are minimized, the rest maximized);
-   ties go to the run with fewer parameters. PRUNED and FAIL trials are never eligible.
+   ties go to the run with fewer parameters. PRUNED and FAIL trials are never eligible, nor,
+   under a budget (--max-params, --max-flops, --max-latency-ms), a trial over any given limit
+   or without its metric; nothing within the budget: one line, exit 1. --pareto prints the
+   front of the metric against the costs and stops there.
 2. Register its model (the trial's LoggedModel, tag `fractal.model_uri`) as a new version of
-   the registered model, with version tags `source_run_id`, `val_acc`, `variant`. A run that is
+   the registered model, with version tags `source_run_id`, `val_acc`, `variant`, its cost
+   metrics and the budget (`budget.param_count`, `budget.flops`, `budget.latency_ms`). A run that is
    already registered gets no second version.
 3. Move the alias to that version when there is no champion yet, when it beats the champion by
-   at least --min-delta (a tie goes to fewer parameters), or with --force. The outgoing champion
+   at least --min-delta (a tie goes to fewer parameters), when the champion is outside the
+   given budget, or with --force. The outgoing champion
    keeps the alias `previous`, so `--rollback` (which swaps the two) undoes a promotion.
 
 Exit codes: 0 done (also when the champion stays), 1 nothing eligible / nothing to roll back,
@@ -38,7 +44,9 @@ from fractal_mlops.tracking.promotion import PromoteSettings
 
 DEFAULT_MODEL_NAME, DEFAULT_ALIAS, DEFAULT_PREVIOUS = "FractalNet", "champion", "previous"
 _ALIAS = re.compile(r"^[\w-]{1,255}$")
-_LOWER_IS_BETTER = re.compile(r"(loss|seconds|_mb|_count)$")
+_LOWER_IS_BETTER = re.compile(r"(loss|seconds|_mb|_count|flops|latency_ms)$")
+BUDGET_FLAGS = (("--max-params", "param_count", int), ("--max-flops", "flops", float),
+                ("--max-latency-ms", "latency_ms", float))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move the alias to the best run even when it is not better")
     p.add_argument("--rollback", action="store_true", help="give the alias back to the "
                    "version holding the previous alias (and swap them)")
+    for flag, metric, kind in BUDGET_FLAGS:
+        p.add_argument(flag, type=kind, metavar="N" if kind is int else "X",
+                       help=f"promote the best trial whose {metric} is at most this")
+    p.add_argument("--pareto", action="store_true", help="print the Pareto front of the metric "
+                   "against parameters, FLOPs and latency (or the --max-* metrics); register nothing")
     add_tracking_uri_flag(p)
     return p
 
@@ -106,10 +119,19 @@ def resolve_settings(args: argparse.Namespace) -> PromoteSettings:
         raise ConfigError(f"--min-delta must be a number >= 0, got {args.min_delta}")
     if args.rollback and args.force:
         raise ConfigError("--rollback and --force do not go together")
+    budgets = {}
+    for flag, metric, _ in BUDGET_FLAGS:
+        limit = getattr(args, flag[2:].replace("-", "_"))
+        if limit is not None:
+            if not (math.isfinite(limit) and limit > 0):
+                raise ConfigError(f"{flag} must be a number > 0, got {limit}")
+            budgets[metric] = limit
+    if args.rollback and (budgets or args.pareto):
+        raise ConfigError("--rollback takes no --max-* or --pareto (it moves the alias back)")
     uri = resolve_tracking_uri(args.tracking_uri, None)
     check_existing_store(uri)
     return PromoteSettings(uri, experiment, key, maximized(key), name,
-                           args.alias, previous, args.min_delta, args.force)
+                           args.alias, previous, args.min_delta, args.force, budgets, args.pareto)
 
 
 if __name__ == "__main__":

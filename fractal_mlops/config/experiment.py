@@ -10,7 +10,8 @@ An experiment YAML has seven sections (all optional except what differs from the
     training: {epochs, batch_size, lr, momentum, weight_decay, optimizer, seed, amp,
                grad_checkpointing, channels_last}
     pruning:  {warmup_epochs, chance_margin, pruner: none | median | successive_halving}
-    search:   {mode: grid | halving, min_epochs: 1, reduction_factor: 3}
+    search:   {mode: grid | halving, min_epochs: 1, reduction_factor: 3,
+               objectives: [final_val_acc] (or e.g. [final_val_acc, flops])}
     evaluation: {halting_threshold: 0.9}   (anytime inference halted by confidence)
     run:      {tracking_uri, storage, device: auto | cpu | cuda, workers, n_trials}
 
@@ -31,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from fractal_mlops.config.objectives import DEFAULT_OBJECTIVES
 from fractal_mlops.config.sections import (
     DataConfig,
     EvaluationConfig,
@@ -95,8 +97,10 @@ class ExperimentConfig:
             out["space"] = {k: v for k, v in out["space"].items() if k != "weight_sharing"}
         if self.evaluation == EvaluationConfig():
             out.pop("evaluation")
-        if self.search.mode == "grid":  # grid studies keep the hash they had before `search`
-            out.pop("search")
+        if tuple(self.search.objectives) == DEFAULT_OBJECTIVES:  # as before `objectives`
+            out["search"].pop("objectives")
+            if self.search.mode == "grid":  # grid studies keep the hash they had before `search`
+                out.pop("search")
         if self.training.compile == "none":
             out["training"].pop("compile")
         if self.training.memory_format == "contiguous":
@@ -220,6 +224,9 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     evaluation = read_section(EvaluationConfig, raw.get("evaluation"), "evaluation")
     search = read_section(SearchConfig, raw.get("search"), "search")
     check_min_epochs(search, training)
+    if len(search.objectives) > 1 and pruning.pruner != "none":
+        raise ConfigError(f"pruning.pruner {pruning.pruner!r} needs a single objective (Optuna's "
+                          "pruners rank one value); with several search.objectives use pruner: none")
     run = read_section(RunConfig, raw.get("run"), "run")
     space = _check_space(raw.get("space"), data)
     return ExperimentConfig(study_name, data, space, training, pruning, search, evaluation,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any
 
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic import (
     with_config,
 )
 
+from fractal_mlops.config.objectives import DEFAULT_OBJECTIVES, check_objectives
 from fractal_mlops.errors import ConfigError
 
 # Input shape (channels, height, width) and class count of each dataset, known without loading it.
@@ -142,6 +143,9 @@ class SearchConfig:
     mode: Str = "grid"  # grid: every point to training.epochs; halving: see halving.py
     min_epochs: Int = 1  # halving: epochs of the first rung
     reduction_factor: Int = 3  # halving: each rung keeps the best 1/reduction_factor
+    # what the study optimizes: an accuracy, then cost metrics (config/objectives.py); two or
+    # more make the Optuna study multi-objective and halving rank rungs by Pareto fronts
+    objectives: list[Str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
 
 
 @with_config(_SECTION)
@@ -258,6 +262,7 @@ def _check_search(s: SearchConfig) -> None:
     one_of(s.mode, SEARCH_MODES, "search.mode")
     if s.reduction_factor < 2:
         raise ConfigError(f"search.reduction_factor must be at least 2, got {s.reduction_factor}")
+    check_objectives(s.objectives)
 
 
 def check_min_epochs(s: SearchConfig, training: TrainConfig) -> None:

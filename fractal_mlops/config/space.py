@@ -84,3 +84,13 @@ def enumerate_variants(space: dict[str, list[Any]]) -> list[Variant]:
 
 def grid(config: ExperimentConfig) -> list[Variant]:
     return enumerate_variants(config.space)
+
+
+def dimension_values(variants: list[Variant]) -> dict[str, list[Any]]:
+    """Each dimension's values over the grid's variants, in their order of first appearance
+    (a value that no variant keeps, like a norm with no norm in any unit, is left out)."""
+    values: dict[str, dict[Any, None]] = {dim: {} for dim in DIMENSIONS}
+    for variant in variants:
+        for dim in DIMENSIONS:
+            values[dim].setdefault(getattr(variant, dim), None)
+    return {dim: list(seen) for dim, seen in values.items()}

@@ -35,6 +35,7 @@ from fractal_mlops.engine.anytime import (
     curve_csv,
     halting_point,
 )
+from fractal_mlops.engine.cost import inference_cost
 from fractal_mlops.engine.data import Dataset, DeviceLoader
 from fractal_mlops.engine.device import PeakMemory
 from fractal_mlops.engine.model import FractalNet, build_model, drop_rng, param_count
@@ -348,3 +349,8 @@ class Trainer:
         accuracies = {k: outputs.accuracy(k) for k in range(1, outputs.columns + 1)}
         return (accuracies, halting_point(outputs, flops, threshold),
                 curve_csv(anytime_curve(outputs, flops, threshold)))
+
+    def inference_cost(self) -> dict[str, float]:
+        """flops, latency_ms and throughput_img_s of the model as trained (engine/cost.py)."""
+        return inference_cost(self.model, tuple(self.val_loader.x.shape[1:]), self.device,
+                              self._autocast, self.precision.channels_last)

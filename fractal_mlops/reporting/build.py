@@ -14,6 +14,7 @@ from pathlib import Path
 from fractal_mlops.reporting.data import StudyData, collect
 from fractal_mlops.reporting.figures import FIGURES, figures
 from fractal_mlops.reporting.html import render_html
+from fractal_mlops.reporting.importance import importance_csv, importances
 from fractal_mlops.reporting.paths import DEFAULT_TOP, default_out_dir
 from fractal_mlops.tracking.tracker import open_store
 
@@ -77,8 +78,11 @@ def build_report(tracking_uri: str, experiment: str, out: Path | None, top: int)
     Nothing is written before the store has answered with at least one trial."""
     client = open_store(tracking_uri)
     data = collect(client, experiment, tracking_uri, top)
+    data.importance = importances(data.ranked, data.varied)
     pngs = figures(data)
     files = {"leaderboard.csv": leaderboard_csv(data).encode(),
+             **({"importance.csv": importance_csv(data.importance).encode()}
+                if data.importance else {}),
              **{f"{name}.png": png for name, _, png in pngs},
              "report.html": render_html(data, pngs).encode()}
     if out is not None:
@@ -86,9 +90,9 @@ def build_report(tracking_uri: str, experiment: str, out: Path | None, top: int)
     with tempfile.TemporaryDirectory(prefix="fractal-report-") as staging:
         for name, content in files.items():
             (Path(staging) / name).write_bytes(content)
-        for stale in {f"{name}.png" for name, _, _ in FIGURES} - set(files):
+        for stale in ({f"{name}.png" for name, _, _ in FIGURES} | {"importance.csv"}) - set(files):
             if out is not None:
-                (out / stale).unlink(missing_ok=True)  # a figure this report no longer has
+                (out / stale).unlink(missing_ok=True)  # a file this report no longer has
         for name in files:
             if out is not None:
                 shutil.copyfile(Path(staging) / name, out / name)

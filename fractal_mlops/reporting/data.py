@@ -70,6 +70,7 @@ class StudyData:
     champion: Champion | None
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     anytime: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (compute, acc)
+    importance: dict[str, dict[str, float]] = field(default_factory=dict)  # importance.py
 
     def counts(self) -> dict[str, int]:
         counts = {state: 0 for state in STATES}

@@ -57,10 +57,11 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """The trials no other beats on both counts (fewer params, higher final val acc)."""
-    points = sorted((t for t in trials if t.metric("param_count") is not None),
-                    key=lambda t: (t.metrics["param_count"], -t.metrics["final_val_acc"]))
+def pareto_front(trials: list[TrialRecord], cost: str = "param_count") -> list[TrialRecord]:
+    """The trials no other beats on both counts (lower `cost`, higher final val acc); of equal
+    points, one."""
+    points = sorted((t for t in trials if t.metric(cost) is not None),
+                    key=lambda t: (t.metrics[cost], -t.metrics["final_val_acc"]))
     front, best = [], -math.inf
     for trial in points:
         if trial.metrics["final_val_acc"] > best:
@@ -69,29 +70,75 @@ def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
     return front
 
 
-def accuracy_vs_params(data: StudyData) -> Figure | None:
-    points = [t for t in data.ranked if t.metric("param_count") is not None]
+# cost metric -> (axis label, title)
+COST_AXES = {"param_count": ("parameters", "size"), "flops": ("forward FLOPs per image", "FLOPs"),
+             "latency_ms": ("latency at batch 1, ms", "latency")}
+
+
+def accuracy_vs_cost(data: StudyData, cost: str) -> Figure | None:
+    """Final val acc against `cost` (log scale): the front joined and labelled, the trials it
+    dominates faded."""
+    points = [t for t in data.ranked if t.metric(cost) is not None]
     if not points:
         return None
+    front = pareto_front(points, cost)
+    on_front = {t.run_id for t in front}
+    dominated = [t for t in points if t.run_id not in on_front]
     fig = _figure(8, 5)
     ax = fig.subplots()
-    ax.scatter([t.metrics["param_count"] for t in points],
-               [t.metrics["final_val_acc"] for t in points], s=14, alpha=0.5,
-               color="#607d8b", label=f"COMPLETE trials ({len(points)})")
-    front = pareto_front(points)
-    ax.plot([t.metrics["param_count"] for t in front], [t.metrics["final_val_acc"] for t in front],
+    ax.scatter([t.metrics[cost] for t in dominated], [t.metrics["final_val_acc"] for t in dominated],
+               s=14, alpha=0.25, color="#607d8b", label=f"dominated ({len(dominated)})")
+    ax.plot([t.metrics[cost] for t in front], [t.metrics["final_val_acc"] for t in front],
             "-o", color="#d81b60", markersize=5, label=f"Pareto front ({len(front)})")
     if len(front) <= 12:
         for t in front:
-            ax.annotate(t.variant, (t.metrics["param_count"], t.metrics["final_val_acc"]),
+            ax.annotate(t.variant, (t.metrics[cost], t.metrics["final_val_acc"]),
                         textcoords="offset points", xytext=(4, -10), fontsize=7)
     from matplotlib.ticker import NullFormatter
 
+    label, title = COST_AXES[cost]
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^4, 3x10^4, ... overlap
-    ax.set(xlabel="parameters (log scale)", ylabel="final val acc",
-           title=f"{data.experiment}: accuracy against size")
+    ax.set(xlabel=f"{label} (log scale)", ylabel="final val acc",
+           title=f"{data.experiment}: accuracy against {title}")
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def accuracy_vs_params(data: StudyData) -> Figure | None:
+    return accuracy_vs_cost(data, "param_count")
+
+
+def accuracy_vs_flops(data: StudyData) -> Figure | None:
+    return accuracy_vs_cost(data, "flops")
+
+
+def accuracy_vs_latency(data: StudyData) -> Figure | None:
+    return accuracy_vs_cost(data, "latency_ms")
+
+
+def parameter_importance(data: StudyData) -> Figure | None:
+    """Each varying dimension's importance for final val acc, per evaluator (importance.py)."""
+    from fractal_mlops.reporting.importance import EVALUATORS, ranking
+
+    dims = ranking(data.importance)
+    if not dims:
+        return None
+    fig = _figure(8, 0.9 + 0.45 * len(dims))
+    ax = fig.subplots()
+    evaluators = [e for e in EVALUATORS if e in data.importance]
+    height = 0.8 / len(evaluators)
+    for i, (name, color) in enumerate(zip(evaluators, ("#1e88e5", "#fb8c00"), strict=False)):
+        ax.barh([y + i * height for y in range(len(dims))],
+                [data.importance[name].get(d, 0.0) for d in dims], height=height, color=color,
+                label={"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}[name])
+    ax.set_yticks([y + height * (len(evaluators) - 1) / 2 for y in range(len(dims))], dims)
+    ax.invert_yaxis()  # the most important on top
+    ax.set(xlabel="importance for final val acc (each evaluator sums to 1)",
+           title=f"{data.experiment}: which dimension mattered "
+                 f"({len(data.ranked)} COMPLETE trials)")
+    ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right")
     return fig
 
@@ -237,9 +284,17 @@ def state_counts(data: StudyData) -> Figure:
 
 # (file name without .png, caption in report.html, maker), in the page's order
 FIGURES: list[tuple[str, str, Callable[[StudyData], Figure | None]]] = [
+    ("parameter_importance", "Which template dimension mattered: Optuna's fANOVA and PED-ANOVA "
+     "importance of each varying dimension for final val acc over the COMPLETE trials "
+     "(numbers: importance.csv).", parameter_importance),
     ("accuracy_vs_params", "Final val acc against parameter count; the Pareto front "
-     "(no other trial is both smaller and more accurate) is joined and labelled.",
-     accuracy_vs_params),
+     "(no other trial is both smaller and more accurate) is joined and labelled, the trials "
+     "it dominates are faded.", accuracy_vs_params),
+    ("accuracy_vs_flops", "Final val acc against forward FLOPs per image; the Pareto front "
+     "joined, dominated trials faded.", accuracy_vs_flops),
+    ("accuracy_vs_latency", "Final val acc against inference latency at batch 1 (median, "
+     "on the device each trial trained on); the Pareto front joined, dominated trials faded.",
+     accuracy_vs_latency),
     ("blocks_columns_heatmap", "Blocks x columns: the best and the mean final val acc of "
      "the COMPLETE trials in each cell (n = trials).", blocks_columns_heatmap),
     ("dimension_effects", "Final val acc per value of each dimension that varies, among "

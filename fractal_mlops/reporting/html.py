@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from html import escape
 from typing import TYPE_CHECKING
 
+from fractal_mlops.config.objectives import pareto_front
 from fractal_mlops.stores.credentials import redact
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def render_html(data: StudyData, figures: list[tuple[str, str, bytes]]) -> str:
         _headline(data),
         _reasons(data),
         _leaderboard(data),
+        _front(data),
         "<h2>Figures</h2>",
         *(_figure(name, caption, png) for name, caption, png in figures),
         "</body></html>",
@@ -132,6 +134,36 @@ def _leaderboard(data: StudyData) -> str:
     return (f"<h2>Leaderboard: top {len(data.top)} of {len(data.ranked)} COMPLETE trials</h2>"
             f"<p>Every trial is in <code>leaderboard.csv</code> beside this page.</p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table>")
+
+
+FRONT_COSTS = ("param_count", "flops", "latency_ms")
+
+
+def front_of(data: StudyData) -> tuple[list[str], list[TrialRecord]]:
+    """The cost metrics the COMPLETE trials recorded, and the trials on the Pareto front of
+    final val acc against all of them (best first), among the trials that have every one."""
+    costs = [m for m in FRONT_COSTS if any(t.metric(m) is not None for t in data.ranked)]
+    trials = [t for t in data.ranked if all(t.metric(m) is not None for m in costs)]
+    points = [[t.metrics[m] for m in ("final_val_acc", *costs)] for t in trials]
+    front = pareto_front(points, ["maximize", *["minimize"] * len(costs)])
+    return costs, [trials[i] for i in front]
+
+
+def _front(data: StudyData) -> str:
+    costs, front = front_of(data)
+    if not front or not costs:
+        return ""
+    head = "".join(f"<th>{escape(h)}</th>" for h in ("variant", "final val acc", *costs, "run ID"))
+    rows = "".join(
+        f"<tr><td>{escape(t.variant)}</td><td class=\"num\">{t.metrics['final_val_acc']:.4f}</td>"
+        + "".join(f'<td class="num">{t.metrics[m]:,.4g}</td>' for m in costs)
+        + f"<td><code>{escape(t.run_id)}</code></td></tr>" for t in front)
+    return (f"<h2>Pareto front: final val acc against {escape(', '.join(costs))}</h2>"
+            f"<p>{len(front)} of {len(data.ranked)} COMPLETE trials: no other trial is at least "
+            "as accurate and as cheap on every count and better on one. <code>fractal-mlops "
+            "promote --pareto</code> prints the same front; <code>--max-params</code>, "
+            "<code>--max-flops</code>, <code>--max-latency-ms</code> promote within a budget.</p>"
+            f"<table><tr>{head}</tr>{rows}</table>")
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from fractal_mlops.config.space import Variant
+from fractal_mlops.config.space import Variant, dimension_values
 from fractal_mlops.search.outcome import final_failures
 from fractal_mlops.stores import optuna_trials
 from fractal_mlops.stores.optuna_storage import heartbeat_settings, worker_identity, worker_is_gone
@@ -105,17 +105,23 @@ def create_trial(study: optuna.Study, variants: list[Variant], choice: Variant,
                  **user_attrs: Any) -> optuna.Trial:
     """A RUNNING trial of `choice`, owned by this worker, in one storage call: its point, owner
     and the GridSampler's bookkeeping (grid_id: the sampler sees the point as visited and never
-    picks one itself). No WAITING trial and no queue in between that another worker could pop."""
+    picks one itself). No WAITING trial and no queue in between that another worker could pop.
+    Its params: `variant` and every template dimension (categorical over the grid's values),
+    so that Optuna's importance evaluators and optuna-dashboard's plots see the dimensions; the
+    sampler's search space stays `variant` alone, as in studies created before the dimensions."""
     import optuna
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
     names = [v.name for v in variants]
+    params, distributions = {VARIANT_ATTR: choice.name}, {VARIANT_ATTR: CategoricalDistribution(names)}
+    for dim, values in dimension_values(variants).items():  # for importance and the dashboard
+        params[dim] = getattr(choice, dim)
+        distributions[dim] = CategoricalDistribution(values)
     template = optuna.trial.FrozenTrial(
         number=-1, trial_id=-1, state=TrialState.RUNNING, value=None, values=None,
         datetime_start=datetime.now(), datetime_complete=None,
-        params={VARIANT_ATTR: choice.name},
-        distributions={VARIANT_ATTR: CategoricalDistribution(names)},
+        params=params, distributions=distributions,
         user_attrs={VARIANT_ATTR: choice.name, WORKER_ATTR: worker_identity(),
                     HEARTBEAT_ATTR: time.time(), **user_attrs},
         system_attrs={"search_space": {VARIANT_ATTR: names}, "grid_id": names.index(choice.name)},
@@ -151,6 +157,8 @@ def _tell_recorded_end(study: optuna.Study, t, tracker: Tracker) -> bool:
     counted as a failure. False when the run recorded no such end."""
     from optuna.trial import TrialState
 
+    if len(study.directions) > 1:  # several objectives: the point is trained again, as before
+        return False
     end = tracker.recorded_end(t.user_attrs.get(RUN_ID_ATTR), t.number)
     if end is None:
         return False

@@ -82,6 +82,7 @@ class TrialResults:
     param_count: int | None = None
     train_seconds: float = 0.0
     history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val_acc)
+    cost: dict[str, float] = field(default_factory=dict)  # flops, latency_ms, throughput_img_s
 
     def metrics(self) -> dict[str, float]:
         out = dict(self.final or {})
@@ -174,6 +175,8 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
         if checkpoints and trainer.epochs_done < settings.epochs:
             save(trainer.state_dict())
     if trainer.epochs_done < settings.epochs:
+        if len(config.search.objectives) > 1:  # a halving rung ranks by the costs too
+            results.cost = trainer.inference_cost()
         return False
     finish_training(tracker, run_id, trainer, data, config, results)
     return True
@@ -182,13 +185,16 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
 def finish_training(tracker: Tracker, run_id: str, trainer: Trainer, data: Dataset,
                     config: ExperimentConfig, results: TrialResults) -> None:
     """A trial trained to its last epoch: final metrics (each column alone, halting at
-    `evaluation.halting_threshold`) into `results.final`, anytime.csv and the model logged."""
+    `evaluation.halting_threshold`, the inference cost: engine/cost.py) into `results.final`,
+    anytime.csv and the model logged."""
     final = {"final_val_acc": results.last_val_acc, "best_val_acc": results.best_val_acc,
              "param_count": trainer.param_count, "train_seconds": trainer.train_seconds}
     threshold = config.evaluation.halting_threshold
     column_accuracies, halting, curve = trainer.anytime(threshold)
     final.update({f"val_acc_column_{k}": acc for k, acc in column_accuracies.items()})
     final.update(halting_val_acc=halting.accuracy, halting_compute=halting.compute_fraction)
+    results.cost = trainer.inference_cost()
+    final.update(results.cost)
     results.final = final
     tracker.log_text(run_id, curve, ANYTIME_ARTIFACT)
     tracker.log_model(run_id, trainer.model, tuple(data.train_x.shape[1:]), data.num_classes)

@@ -2,10 +2,12 @@
 
 Rung r trains its points up to min_epochs * reduction_factor**(r-1) epochs (the last rung: to
 training.epochs). When every point of rung r has finished it, its points are ranked by val_acc
-at the rung's last epoch (ties: grid order); the best 1/reduction_factor go on to rung r+1, the
-others end PRUNED, reason "halving: rung r (E epochs), rank K of N, kept the top M". The points
-of the last rung end COMPLETE. Ranking waits for the whole rung, so the result does not depend
-on the order in which workers happen to finish (unlike Optuna's asynchronous pruners).
+at the rung's last epoch (ties: grid order; with several `search.objectives`, by Pareto front
+over that val_acc and the cost metrics, then crowding distance: `rank_rung`); the best
+1/reduction_factor go on to rung r+1, the others end PRUNED, reason "halving: rung r
+(E epochs), rank K of N, kept the top M". The points of the last rung end COMPLETE. Ranking
+waits for the whole rung, so the result does not depend on the order in which workers happen
+to finish (unlike Optuna's asynchronous pruners).
 
 A grid point is one Optuna trial and one MLflow run for its whole life. Its state lives in the
 Optuna storage, so that workers on one host or several (PostgreSQL) share it and a kill -9
@@ -29,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fractal_mlops.config.objectives import directions, pareto_ranking
 from fractal_mlops.search.claims import create_trial
 from fractal_mlops.stores import optuna_trials
 from fractal_mlops.stores.optuna_storage import claim_lock, worker_identity, worker_is_gone
@@ -187,8 +190,9 @@ def _rank_finished_rungs(ctx: TrialContext, plan: list[Rung],
                for t in members):
             return  # the rung is still being trained
         key = f"rung_{rung.number}_val_acc"
-        ranked = sorted((t for t in members if key in t.user_attrs),
-                        key=lambda t: (-t.user_attrs[key], order[t.params["variant"]]))
+        ranked = rank_rung([t for t in members if key in t.user_attrs], key, order,
+                           ctx.settings.config.search.objectives)
+        how = "" if len(ctx.settings.config.search.objectives) == 1 else " by Pareto front"
         for rank, t in enumerate(ranked, 1):
             if t.state != TrialState.WAITING or _rung(t) != rung.number:
                 continue  # already decided
@@ -196,11 +200,25 @@ def _rank_finished_rungs(ctx: TrialContext, plan: list[Rung],
                 optuna_trials.set_attr(ctx.study, t, RUNG_ATTR, rung.number + 1)
             else:
                 reason = (f"halving: rung {rung.number} ({_epochs(rung.epochs)}), rank {rank} "
-                          f"of {len(ranked)}, kept the top {rung.keep}")
+                          f"of {len(ranked)}{how}, kept the top {rung.keep}")
                 _prune(ctx, t, reason, t.user_attrs[key])
                 progress.trial_done(points_done(ctx.study), t.number, t.params["variant"],
                                     "PRUNED", t.user_attrs[key], reason)
         points = _current_trials(ctx.study.get_trials(deepcopy=False))
+
+
+def rank_rung(members: list[FrozenTrial], key: str, order: dict[str, int],
+              objectives: list[str]) -> list[FrozenTrial]:
+    """A finished rung's points, best first. One objective: by val_acc at the rung's end (`key`),
+    ties in grid order. Several: by non-dominated sorting of (that val_acc, the cost metrics),
+    within a front by crowding distance (NSGA-II), then grid order; so the front's points go on
+    before any point they dominate."""
+    members = sorted(members, key=lambda t: order[t.params["variant"]])
+    if len(objectives) == 1:
+        return sorted(members, key=lambda t: -t.user_attrs[key])
+    accuracy = key if objectives[0] == "final_val_acc" else objectives[0]
+    points = [(t.user_attrs[accuracy], *(t.user_attrs[m] for m in objectives[1:])) for t in members]
+    return [members[i] for i in pareto_ranking(points, directions(objectives))]
 
 
 def _epochs(n: int) -> str:
@@ -223,7 +241,9 @@ def _prune(ctx: TrialContext, t: FrozenTrial, reason: str, value: float) -> None
                    if k in t.user_attrs}
         ctx.tracker.finish_trial(run_id, states.TrialState.PRUNED, reason, metrics)
     optuna_trials.set_attr(ctx.study, t, REASON_ATTR, reason)
-    optuna_trials.set_state(ctx.study, t, TrialState.PRUNED, [value])
+    # a pruned trial's value: its last val_acc (single objective, as Optuna's own tell does)
+    single = len(ctx.study.directions) == 1
+    optuna_trials.set_state(ctx.study, t, TrialState.PRUNED, [value] if single else None)
 
 
 def _take(study: optuna.Study, t: FrozenTrial):

@@ -111,6 +111,7 @@ def _end_rung(ctx: TrialContext, trial, run_id: str, rung: Rung, results: TrialR
     for key, value in (("best_val_acc", results.best_val_acc), ("param_count", results.param_count),
                        ("train_seconds", results.train_seconds),
                        (f"rung_{rung.number}_val_acc", results.last_val_acc),
+                       *results.cost.items(),  # several objectives: the costs rank the rung too
                        ("rung_done", rung.number)):
         optuna_trials.set_attr(ctx.study, trial, key, value)
     optuna_trials.set_state(ctx.study, trial, TrialState.WAITING)

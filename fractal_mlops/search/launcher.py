@@ -126,7 +126,7 @@ def launch_workers(settings: StudySettings, console: Console,
         codes = group.wait()
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
-    rows = _summary(study, None, None, 0)
+    rows = _summary(study, None, None, 0, settings.config.search.objectives)
     before_summary()
     show_leaderboard(console, settings, rows, study.user_attrs.get(GRID_SIZE_ATTR, len(rows)),
                      time.monotonic() - started_at, tracker.experiment_id)

@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fractal_mlops.config.objectives import directions, pareto_front
 from fractal_mlops.tracking.states import RETRYABLE, TrialState
 
 
@@ -79,6 +80,15 @@ class TrialRow:
     params: int | None
     seconds: float | None
     reason: str | None
+    values: tuple[float, ...] | None = None  # the objectives' values (COMPLETE)
+    run_id: str | None = None
+
+
+def front_rows(rows: list[TrialRow], objectives: list[str]) -> list[TrialRow]:
+    """The COMPLETE rows on the Pareto front of `objectives`, best first objective first."""
+    complete = [r for r in rows if r.state == "COMPLETE" and r.values]
+    front = pareto_front([r.values for r in complete], directions(objectives))
+    return sorted((complete[i] for i in front), key=lambda r: (-r.values[0], r.number))
 
 
 def one_per_point(rows: list[TrialRow]) -> list[TrialRow]:
@@ -93,19 +103,31 @@ def one_per_point(rows: list[TrialRow]) -> list[TrialRow]:
 
 
 def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_size: int,
-                wall_seconds: float, ui_command: str, top: int = 10) -> None:
+                wall_seconds: float, ui_command: str, top: int = 10,
+                objectives: list[str] | None = None) -> None:
     complete = sorted((r for r in rows if r.state == "COMPLETE"),
                       key=lambda r: (-(r.value or 0.0), r.params or 0))
+    costs = list(objectives or [])[1:]
+    front = {r.number for r in front_rows(rows, objectives)} if costs else set()
     table = Table(title=f"{study_name}: top {min(top, len(complete))} of {len(complete)} "
                         "complete variants", title_justify="left")
     for name, justify in [("#", "right"), ("trial", "right"), ("variant", "left"),
-                          ("val_acc", "right"), ("params", "right"), ("seconds", "right")]:
+                          ("val_acc", "right"), ("params", "right"), ("seconds", "right"),
+                          *((cost, "right") for cost in costs if cost != "param_count"),
+                          *([("front", "center")] if costs else [])]:
         table.add_column(name, justify=justify)
     for rank, row in enumerate(complete[:top], 1):
+        extra = [f"{value:,.4g}" for cost, value in zip(costs, (row.values or ())[1:], strict=False)
+                 if cost != "param_count"]
         table.add_row(str(rank), str(row.number), row.variant, f"{row.value:.4f}",
                       f"{row.params:,}" if row.params else "-",
-                      f"{row.seconds:.1f}" if row.seconds else "-")
+                      f"{row.seconds:.1f}" if row.seconds else "-",
+                      *extra, *(["*" if row.number in front else ""] if costs else []))
     console.print(table)
+    if costs:
+        on_front = front_rows(rows, objectives)
+        console.print(f"Pareto front of {' vs '.join(objectives)}: {len(on_front)} trial(s): "
+                      + ", ".join(f"{escape(r.variant)} ({_values(r.values)})" for r in on_front))
     counts = {state: sum(r.state == state for r in rows) for state in TrialState}
     finished_points = len({r.variant for r in rows if r.state in counts and r.reason not in
                            RETRYABLE})
@@ -120,6 +142,10 @@ def leaderboard(console: Console, study_name: str, rows: list[TrialRow], grid_si
         console.print(f"  pruned: trial {row.number} {escape(row.variant)}: "
                       f"{escape(row.reason or '')}")
     console.print(f"Compare the trials in the MLflow UI (start it, then open the URL):\n  {ui_command}")
+
+
+def _values(values: tuple[float, ...] | None) -> str:
+    return " / ".join(f"{v:,.4g}" for v in values or ())
 
 
 def worker_prefix() -> str:

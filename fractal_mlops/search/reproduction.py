@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from fractal_mlops.engine.precision import Precision
 
 EXIT_MATCH, EXIT_DIFFER = EXIT_OK, EXIT_FAULT
-# + val_acc_column_<k>; halting_* on runs recorded since anytime halting exists
+# + val_acc_column_<k>; halting_* on runs recorded since anytime halting exists; flops since
+# cost metrics exist (latency_ms and throughput_img_s are timings: never compared)
 FINAL_METRICS = ("final_val_acc", "best_val_acc", "param_count", "halting_val_acc",
-                 "halting_compute")
+                 "halting_compute", "flops")
 CUDA_ATOL = 1e-3
 REPRODUCIBLE_ROLES = ("trial", "reproduction")
 

@@ -142,14 +142,17 @@ def train_and_track(ctx: TrialContext, trial, variant: Variant, run_id: str,
 
 def report_value(ctx: TrialContext, trial, val_acc: float, epoch: int) -> None:
     """An epoch's val_acc to Optuna; on SQLite a Ctrl-C waits for the write (stores.sqlite_lock),
-    as MLflow's SQLite writes do."""
+    as MLflow's SQLite writes do. A multi-objective study takes no reports (Optuna refuses them:
+    its pruners rank one value); MLflow has the epochs."""
+    if len(ctx.study.directions) > 1:
+        return
     with sqlite_lock(ctx.settings.storage.location):
         trial.report(val_acc, epoch)
 
 
 def pruner_reason(ctx: TrialContext, trial, result) -> str | None:
     """Why Optuna's pruner stops the trial after this epoch, or None."""
-    if not trial.should_prune():
+    if len(ctx.study.directions) > 1 or not trial.should_prune():
         return None
     return (f"{ctx.settings.config.pruning.pruner} pruner: val_acc {result.val_acc:.3f} at epoch "
             f"{result.epoch} is below the other trials'")
@@ -192,11 +195,17 @@ def _tell(ctx: TrialContext, trial, outcome: Outcome, results: TrialResults) -> 
         if results.param_count is not None:
             trial.set_user_attr(PARAM_COUNT_ATTR, results.param_count)
         if outcome.state is TrialState.COMPLETE:
-            ctx.study.tell(trial, results.last_val_acc)
+            ctx.study.tell(trial, objective_values(results, ctx.settings.config.search.objectives))
         else:
             ctx.study.tell(trial, state=outcome.state.optuna_state)
     except (RuntimeError, ValueError) as exc:  # declared lost by another worker meanwhile
         log.warning("trial %d: %s", trial.number, exc)
+
+
+def objective_values(results: TrialResults, objectives: list[str]) -> list[float]:
+    """The values Optuna is told for a COMPLETE trial, in the order of `search.objectives`."""
+    metrics = {**results.metrics(), "final_val_acc": results.last_val_acc}
+    return [metrics[name] for name in objectives]
 
 
 def stop_worker(number: int, outcome: Outcome, error: BaseException | None,

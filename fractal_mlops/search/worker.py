@@ -16,6 +16,7 @@ import optuna
 import torch
 from rich.console import Console
 
+from fractal_mlops.config.objectives import directions
 from fractal_mlops.config.space import Variant, grid
 from fractal_mlops.engine.data import load_dataset
 from fractal_mlops.engine.device import resolve_device
@@ -24,7 +25,14 @@ from fractal_mlops.search.claims import close_orphaned_runs, grid_sampler, point
 from fractal_mlops.search.halving import describe_plan
 from fractal_mlops.search.halving_trial import claim_and_run_rung
 from fractal_mlops.search.preflight import check_feasible
-from fractal_mlops.search.progress import StudyProgress, TrialRow, leaderboard, one_per_point, worker_prefix
+from fractal_mlops.search.progress import (
+    StudyProgress,
+    TrialRow,
+    front_rows,
+    leaderboard,
+    one_per_point,
+    worker_prefix,
+)
 from fractal_mlops.search.settings import StudySettings, TrialContext
 from fractal_mlops.search.trial import claim_and_run
 from fractal_mlops.signals import InterruptGuard
@@ -37,6 +45,7 @@ from fractal_mlops.tracking.names import (
     PARAM_COUNT_ATTR,
     PARENT_RUN_ATTR,
     REASON_ATTR,
+    RUN_ID_ATTR,
     VARIANT_ATTR,
 )
 from fractal_mlops.tracking.states import TrialState
@@ -81,7 +90,7 @@ def run_worker(settings: StudySettings, console: Console, interrupts: InterruptG
             if not (claim_and_run_rung if halving else claim_and_run)(context, progress):
                 break
             started += 1
-    rows = _summary(study, tracker, parent_run_id, len(variants))
+    rows = _summary(study, tracker, parent_run_id, len(variants), config.search.objectives)
     if not prefix:  # a worker among several leaves the report and leaderboard to its launcher
         before_summary()
         show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at,
@@ -111,7 +120,7 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
     config = settings.config
     study = optuna.create_study(
         storage=open_storage(settings.storage), study_name=settings.study_name,
-        direction="maximize", load_if_exists=True,
+        directions=directions(config.search.objectives), load_if_exists=True,
         sampler=grid_sampler()({"variant": [v.name for v in variants]}, seed=0),
         pruner=_optuna_pruner(config.pruning.pruner),
     )
@@ -152,26 +161,32 @@ def _study_params(settings: StudySettings, variants: list[Variant]) -> dict:
 # -- the end: leaderboard -------------------------------------------------------------------
 
 def _summary(study: optuna.Study, tracker: Tracker | None, parent_run_id: str | None,
-             grid_size: int):
+             grid_size: int, objectives: list[str]):
     rows = []
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished():
             continue
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
-        rows.append(TrialRow(t.number, t.user_attrs.get(VARIANT_ATTR, "?"), t.state.name, t.value
-                             if t.state.name == "COMPLETE" else None,
-                             t.user_attrs.get(PARAM_COUNT_ATTR), seconds, t.user_attrs.get(REASON_ATTR)))
+        complete = t.state.name == "COMPLETE" and t.values
+        rows.append(TrialRow(t.number, t.user_attrs.get(VARIANT_ATTR, "?"), t.state.name,
+                             t.values[0] if complete else None,
+                             t.user_attrs.get(PARAM_COUNT_ATTR), seconds, t.user_attrs.get(REASON_ATTR),
+                             tuple(t.values) if complete else None, t.user_attrs.get(RUN_ID_ATTR)))
     rows = one_per_point(rows)
     if tracker is not None and parent_run_id:
         counts = {f"n_{s.lower()}": sum(r.state == s for r in rows)
                   for s in TrialState}
         tracker.update_study_summary(parent_run_id, study.study_name, counts, grid_size,
                                      points_done(study))
+        if len(objectives) > 1:
+            tracker.log_pareto_front(parent_run_id, objectives, [
+                (r.variant, r.number, r.run_id, r.values) for r in front_rows(rows, objectives)])
     return rows
 
 
 def show_leaderboard(console, settings: StudySettings, rows, grid_size: int,
                      wall_seconds: float, experiment_id: str) -> None:
     leaderboard(console, settings.study_name, rows, grid_size, wall_seconds,
-                "\n  ".join(ui_lines(settings.tracking_uri, experiment_id)))
+                "\n  ".join(ui_lines(settings.tracking_uri, experiment_id)),
+                objectives=settings.config.search.objectives)

@@ -16,6 +16,8 @@ CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
 ROLE, STATE, REASON, VARIANT = "fractal.role", "fractal.state", "fractal.reason", "fractal.variant"
 MODEL_URI, CONFIG_SHA, REPRODUCES = "fractal.model_uri", "fractal.config_sha256", "fractal.reproduces"
 BEST_RUN_ID, BEST_VARIANT = "fractal.best_run_id", "fractal.best_variant"
+PARETO_FRONT = "fractal.pareto_front"  # multi-objective study run: the front's variants
+PARETO_ARTIFACT = "pareto_front.csv"  # ... and the front with its objectives' values
 RUNG = "fractal.rung"  # halving: the last rung a waiting trial finished
 # The run artifact a trial continues from (Tracker.save_checkpoint)
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "checkpoint.pt"

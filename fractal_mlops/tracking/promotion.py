@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fractal_mlops.errors import EXIT_FAULT, EXIT_OK, ConfigError
 from fractal_mlops.signals import stop_signals_held
 from fractal_mlops.stores.credentials import redact
 from fractal_mlops.tracking.compat import mismatch
+from fractal_mlops.tracking.front import apply_budgets, print_front
 from fractal_mlops.tracking.names import STATE
 from fractal_mlops.tracking.registry import (
     Candidate,
     aliases,
     eligible,
     metric_tag,
+    outside_budget,
     rank,
     register,
     trial_runs,
@@ -39,6 +41,8 @@ class PromoteSettings:
     previous_alias: str
     min_delta: float
     force: bool
+    budgets: dict[str, float] = field(default_factory=dict)  # metric -> limit (--max-*)
+    pareto: bool = False  # print the front, register nothing
 
 
 def promote(client: MlflowClient, s: PromoteSettings) -> int:
@@ -61,6 +65,13 @@ def promote(client: MlflowClient, s: PromoteSettings) -> int:
         print(f"nothing to promote: no COMPLETE trial in {s.experiment!r} has a model and "
               f"{s.metric}", file=sys.stderr)
         return EXIT_NOTHING
+    if s.budgets:
+        candidates = apply_budgets(candidates, s.budgets, s.experiment)
+        if not candidates:
+            return EXIT_NOTHING
+    if s.pareto:
+        print_front(candidates, s.metric, s.maximize, list(s.budgets))
+        return EXIT_OK
     ranked = rank(candidates, s.maximize)
     best = ranked[0]
     direction = "highest" if s.maximize else "lowest"
@@ -80,7 +91,7 @@ def _register_and_move(client: MlflowClient, s: PromoteSettings, best: Candidate
     version, created = register(client, s.model_name, best, s.metric, s.experiment, (
         "FractalNet variants promoted from fractal_mlops studies. Alias "
         f"'{s.alias}': the promoted version; '{s.previous_alias}': the one "
-        "before it (fractal-mlops promote --rollback swaps them)."))
+        "before it (fractal-mlops promote --rollback swaps them)."), s.budgets)
     v = str(version.version)
     if created:
         print(f"registered {s.model_name} version {v} from {best.model_uri} "
@@ -119,6 +130,9 @@ def decide(client: MlflowClient, s: PromoteSettings, best: Candidate,
                        "pass --force to promote across datasets")
     if other:
         return True, f"--force across datasets ({other})"
+    outside = outside_budget(_source_metrics(client, held), s.budgets) if s.budgets else None
+    if outside and not s.force:  # the best within the budget replaces a champion beyond it
+        return True, f"version {champion} is outside the budget ({outside})"
     if s.force:
         return True, f"--force (version {champion} had {s.metric} {_fmt(value)})"
     if value is None:
@@ -143,21 +157,26 @@ def decide(client: MlflowClient, s: PromoteSettings, best: Candidate,
 def _champion_metrics(client: MlflowClient, version: ModelVersion,
                       metric: str) -> tuple[float | None, float | None]:
     """The champion's metric and parameter count, from its source run (or its version tags)."""
-    from mlflow.exceptions import MlflowException
-
-    run_id = version.tags.get("source_run_id") or version.run_id
-    metrics: dict[str, Any] = {}
-    if run_id:
-        try:
-            metrics = client.get_run(run_id).data.metrics
-        except MlflowException:
-            metrics = {}
+    metrics = _source_metrics(client, version)
     value = metrics.get(metric)
     if value is None:
         tag = version.tags.get("val_acc" if metric == "final_val_acc" else metric)
         value = _float(tag)
     params = metrics.get("param_count", _float(version.tags.get("param_count")))
     return value, params
+
+
+def _source_metrics(client: MlflowClient, version: ModelVersion) -> dict[str, Any]:
+    """The final metrics of the run a version came from ({} when that run is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = version.tags.get("source_run_id") or version.run_id
+    if not run_id:
+        return {}
+    try:
+        return dict(client.get_run(run_id).data.metrics)
+    except MlflowException:
+        return {}
 
 
 def _float(text: str | None) -> float | None:

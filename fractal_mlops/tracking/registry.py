@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 
+COST_TAGS = ("flops", "latency_ms", "throughput_img_s")  # version tags when the run has them
+
+
 # -- picking the best run ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -80,6 +83,33 @@ def eligible(runs: list[Run], metric: str) -> tuple[list[Candidate], dict[str, i
     return candidates, skipped
 
 
+def within_budget(candidates: list[Candidate], budgets: dict[str, float]
+                  ) -> tuple[list[Candidate], dict[str, int]]:
+    """The candidates whose metric is <= the budget for every budget {metric: limit}; plus
+    how many each budget left out (a run that lacks the metric, e.g. recorded before cost
+    metrics existed, is left out by it too)."""
+    kept, over = [], {}
+    for c in candidates:
+        broken = [m for m, limit in budgets.items()
+                  if not c.run.data.metrics.get(m, math.inf) <= limit]
+        if broken:
+            over[broken[0]] = over.get(broken[0], 0) + 1
+        else:
+            kept.append(c)
+    return kept, over
+
+
+def outside_budget(metrics: dict[str, float], budgets: dict[str, float]) -> str | None:
+    """Why a run with these metrics is outside the budgets, or None."""
+    for metric, limit in budgets.items():
+        value = metrics.get(metric)
+        if value is None:
+            return f"it has no {metric}"
+        if value > limit:
+            return f"its {metric} {value:,.6g} exceeds {limit:,.6g}"
+    return None
+
+
 # -- the registry ----------------------------------------------------------------------------
 
 def model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
@@ -105,15 +135,21 @@ def aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 
 def register(client: MlflowClient, name: str, best: Candidate, metric: str,
-             experiment_name: str, model_description: str) -> tuple[ModelVersion, bool]:
+             experiment_name: str, model_description: str,
+             budgets: dict[str, float] | None = None) -> tuple[ModelVersion, bool]:
     """The version of `best`'s model: the existing one, else a new one. (version, created).
-    `model_description` describes the registered model when this creates it."""
+    `model_description` describes the registered model when this creates it. `budgets`
+    ({metric: limit}, from promote --max-*) become version tags `budget.<metric>`, beside
+    the run's cost metrics; an existing version gets them too."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    budget_tags = {f"budget.{m}": metric_tag(limit) for m, limit in (budgets or {}).items()}
     for version in model_versions(client, name):
         if best.run_id in (version.tags.get("source_run_id"), version.run_id):
-            return version, False
+            for key, value in budget_tags.items():
+                client.set_model_version_tag(name, version.version, key, value)
+            return client.get_model_version(name, version.version), False
     try:
         client.create_registered_model(name, description=model_description)
     except MlflowException as exc:
@@ -123,6 +159,8 @@ def register(client: MlflowClient, name: str, best: Candidate, metric: str,
             "experiment": experiment_name, "param_count": metric_tag(best.param_count)}
     if metric != "final_val_acc":
         tags[metric] = metric_tag(best.value)
+    tags.update({m: metric_tag(best.run.data.metrics[m]) for m in COST_TAGS
+                 if m in best.run.data.metrics}, **budget_tags)
     study = best.run.data.tags.get(STUDY_NAME, experiment_name)
     # MLflow's own registration (the version is linked to its LoggedModel, which the UI shows);
     # it talks to the process-wide tracking URI (tracking.configure), and narrates on stderr

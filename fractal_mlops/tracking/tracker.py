@@ -50,6 +50,8 @@ from fractal_mlops.tracking.names import (
     MODEL_URI,
     NOTE,
     PARENT_RUN_ID,
+    PARETO_ARTIFACT,
+    PARETO_FRONT,
     REASON,
     ROLE,
     RUN_NAME,
@@ -221,6 +223,20 @@ class Tracker:
                             grid_size, grid_done)
         if run_id in self._worked_for:  # a run that trained nothing leaves the duration alone
             self.touch_study_run(run_id)
+
+    def log_pareto_front(self, run_id: str, objectives: list[str],
+                         front: list[tuple[str, int, str | None, tuple[float, ...]]]) -> None:
+        """A multi-objective study's Pareto front on its run: the artifact PARETO_ARTIFACT
+        (variant, trial, run_id, one column per objective), the metric `n_pareto` and the tag
+        PARETO_FRONT (the front's variants)."""
+        lines = [",".join(["variant", "trial", "run_id", *objectives])]
+        lines += [",".join([variant, str(number), run or "", *(repr(float(v)) for v in values)])
+                  for variant, number, run, values in front]
+        self.client.log_text(run_id, "\n".join(lines) + "\n", PARETO_ARTIFACT)
+        self.client.log_metric(run_id, "n_pareto", len(front))
+        variants = " ".join(variant for variant, *_ in front)
+        self.client.set_tag(run_id, PARETO_FRONT, variants if len(variants) <= 4000
+                            else variants[:3990] + " ...")
 
     def touch_study_run(self, run_id: str) -> None:
         """Move the study run's end time to now: its duration spans the study's work so far."""

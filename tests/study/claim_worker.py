@@ -9,11 +9,11 @@ from __future__ import annotations
 import random
 import sys
 import time
-from types import SimpleNamespace
 
 import optuna
 from optuna.trial import TrialState
 
+from fractal_mlops.config.space import canonical
 from fractal_mlops.search.claims import claim_next, grid_sampler
 from fractal_mlops.stores.optuna_storage import claim_lock, open_storage, resolve_storage
 
@@ -21,7 +21,10 @@ from fractal_mlops.stores.optuna_storage import claim_lock, open_storage, resolv
 def main(storage: str, study_name: str, n_points: int, seed: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = resolve_storage(storage, None)
-    variants = [SimpleNamespace(name=f"v{i:03d}") for i in range(n_points)]
+    # real grid points (each trial records their dimensions), one width each: no training
+    variants = [canonical(blocks=1, columns=1, width=i + 1, unit="conv", norm="none",
+                          activation="none", dropout=0.0, drop_path="none")
+                for i in range(n_points)]
     with claim_lock(spec, study_name):
         study = optuna.create_study(
             storage=open_storage(spec), study_name=study_name, direction="maximize",

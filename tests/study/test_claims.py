@@ -55,14 +55,14 @@ def test_claimed_points_count_as_visited_by_optunas_grid_sampler(tmp_path):
     `search_space` and `grid_id`), so the sampler sees each claimed point as the one it holds
     and never assigns a grid point of its own (it would pick one at random). This pins that
     contract: an Optuna that renames those attributes fails here, not in a user's study."""
-    from types import SimpleNamespace
-
     import optuna
 
+    from fractal_mlops.config.space import canonical
     from fractal_mlops.search.claims import claim_next, grid_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    variants = [SimpleNamespace(name=f"v{i}") for i in range(8)]
+    variants = [canonical(blocks=1, columns=1, width=i + 1, unit="conv", norm="none",
+                          activation="none", dropout=0.0, drop_path="none") for i in range(8)]
     names = [v.name for v in variants]
     study = optuna.create_study(
         storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="pin", direction="maximize",
@@ -79,4 +79,4 @@ def test_claimed_points_count_as_visited_by_optunas_grid_sampler(tmp_path):
     assert study.sampler.is_exhausted(study)
     assert claim_next(study, variants) is None
     assert [(t.params["variant"], t.system_attrs["grid_id"]) for t in study.trials] == [
-        ("v0", 0)] + [(name, index) for index, name in enumerate(names)]
+        (names[0], 0)] + [(name, index) for index, name in enumerate(names)]

@@ -20,7 +20,8 @@ SPACE = {"blocks": [2], "columns": [2], "width": [16], "unit": ["conv-norm-act",
          "norm": ["batch"], "activation": ["relu", "sigmoid"], "drop_path": ["local+global"]}
 TRAINING = {"epochs": 2, "batch_size": 32, "lr": 0.1, "seed": 0}
 FIGURES = {"accuracy_vs_params.png", "blocks_columns_heatmap.png", "dimension_effects.png",
-           "top_curves.png", "anytime_columns.png", "state_counts.png"}
+           "top_curves.png", "anytime_columns.png", "state_counts.png", "accuracy_vs_flops.png",
+           "accuracy_vs_latency.png", "parameter_importance.png"}
 
 
 def report(study: StudyDir, *args: str, via_cli: bool = False) -> subprocess.CompletedProcess:
@@ -35,11 +36,12 @@ def report_artifacts(study: StudyDir, run_id: str) -> dict[str, int]:
 
 
 def expected_figures(study: StudyDir, trials) -> set[str]:
-    """The halting curve comes with trials that log anytime.csv (when training does)."""
+    """The figures and importance.csv (3 COMPLETE trials, 2 varying dimensions); the halting
+    curve comes with trials that log anytime.csv (when training does)."""
     client = study.client()
     has_curve = any("anytime.csv" in {a.path for a in client.list_artifacts(t.info.run_id)}
                     for t in trials if t.data.tags["fractal.state"] == "COMPLETE")
-    return FIGURES | ({"halting_curves.png"} if has_curve else set())
+    return FIGURES | {"importance.csv"} | ({"halting_curves.png"} if has_curve else set())
 
 
 def best_trial(trials):
@@ -249,3 +251,54 @@ def test_dimension_effects_compare_each_value_with_its_own_counterparts():
     assert names("drop_path") == set()  # only ever changes with the number of columns
     assert names("columns") == {f"c{c}-none-{u}" for c in (1, 2, 3) for u in "ab"}
     assert names("unit") == {t.variant for t in trials}
+
+
+@pytest.mark.slow
+def test_importance_csv_and_the_pareto_table_come_from_the_trials(reported):
+    from fractal_mlops.config.objectives import pareto_front
+
+    study, out, _, trials, _ = reported
+    with open(out / "importance.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    complete = [t for t in trials if t.data.tags["fractal.state"] == "COMPLETE"]
+    varied = {d for d in DIMENSIONS if len({t.data.params.get(d) for t in complete}) > 1}
+    assert {r["dimension"] for r in rows} == varied
+    for evaluator in ("fanova", "ped_anova"):
+        assert sum(float(r[evaluator]) for r in rows) == pytest.approx(1.0, abs=1e-5)
+    # the front table: brute force over the runs' accuracy and cost metrics
+    costs = ("param_count", "flops", "latency_ms")
+    points = [[t.data.metrics["final_val_acc"], *(t.data.metrics[m] for m in costs)]
+              for t in complete]
+    front = pareto_front(points, ["maximize", "minimize", "minimize", "minimize"])
+    html = (out / "report.html").read_text()
+    table = html.split("<h2>Pareto front")[1].split("</table>")[0]
+    assert {t.info.run_id for t in complete if t.info.run_id in table} == \
+        {complete[i].info.run_id for i in front}
+
+
+@pytest.mark.slow
+def test_complete_trials_record_cost_metrics_and_optuna_params_per_dimension(studied):
+    from helpers import load_optuna_study
+
+    study, _, trials, _ = studied
+    for t in trials:
+        costs = {m: t.data.metrics.get(m) for m in ("flops", "latency_ms", "throughput_img_s")}
+        if t.data.tags["fractal.state"] == "COMPLETE":
+            assert all(v is not None and v > 0 for v in costs.values()), costs
+        else:
+            assert set(costs.values()) == {None}
+    optuna_study = load_optuna_study(study.storage, EXPERIMENT)
+    for trial in optuna_study.trials:
+        assert set(trial.params) == {"variant", *DIMENSIONS}
+        assert trial.distributions["activation"].choices == ("relu", "sigmoid")
+        assert trial.params["variant"] == trial.user_attrs["variant"]
+    # Optuna's own importance (what optuna-dashboard shows) sees the dimensions
+    import optuna
+
+    scores = optuna.importance.get_param_importances(
+        optuna_study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+        params=list(DIMENSIONS))
+    assert set(scores) == set(DIMENSIONS)
+    varied = {d for d in DIMENSIONS if len(optuna_study.trials[0].distributions[d].choices) > 1}
+    assert varied == {"unit", "norm", "activation"}  # norm: "none" where the unit has none
+    assert sum(scores[d] for d in varied) == pytest.approx(1.0)  # the others cannot matter
