@@ -19,14 +19,16 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from fractal_mlops.config.space import grid
 from fractal_mlops.engine.data import load_dataset
 from fractal_mlops.engine.device import resolve_device
+from fractal_mlops.engine.gpus import placements, visible_gpus
 from fractal_mlops.errors import EXIT_BAD_INPUT
 from fractal_mlops.search.preflight import check_feasible, check_workers
 from fractal_mlops.search.settings import StudySettings
-from fractal_mlops.search.worker import _summary, open_stores, show_leaderboard
+from fractal_mlops.search.worker import _summary, open_stores, report_elsewhere, show_leaderboard
 from fractal_mlops.signals import STOP_SIGNALS
 from fractal_mlops.stores.optuna_storage import StorageSpec
 from fractal_mlops.tracking.names import GRID_SIZE_ATTR
@@ -112,8 +114,16 @@ def launch_workers(settings: StudySettings, console: Console,
             "--study-name", settings.study_name, "--device", settings.device]
     if settings.config.source:
         base += ["--config", settings.config.source]
+    gpus = visible_gpus(device.type)
+    placed = placements(workers, gpus)  # worker i on GPU i mod G: CUDA_VISIBLE_DEVICES
+    on_gpus = ""
+    if gpus:
+        on_gpus = "; " + ", ".join(
+            f"GPU {escape(gpu)}: worker(s) "
+            + ",".join(str(i + 1) for i in range(workers) if placed[i]["CUDA_VISIBLE_DEVICES"] == gpu)
+            for gpu in gpus[:workers])
     console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
-                  f"[bold]{settings.study_name}[/]")
+                  f"[bold]{settings.study_name}[/]{on_gpus}")
     with WorkerGroup() as group:  # a stop signal reaches every worker, once
         for index in range(workers):
             argv = list(base)
@@ -122,12 +132,17 @@ def launch_workers(settings: StudySettings, console: Console,
                 if share == 0:
                     continue
                 argv += ["--n-trials", str(share)]
-            group.start(argv, {**env, "FRACTAL_WORKER_INDEX": str(index + 1)})
+            group.start(argv, {**env, **placed[index], "FRACTAL_WORKER_INDEX": str(index + 1)})
         codes = group.wait()
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0)
-    before_summary()
+    reporter = report_elsewhere(settings, study) if all(c == 0 for c in codes) \
+        and settings.n_trials is None else None
+    if reporter is None:
+        before_summary()
+    else:
+        console.print(f"the grid is done; worker {escape(reporter)} writes the study report")
     show_leaderboard(console, settings, rows, study.user_attrs.get(GRID_SIZE_ATTR, len(rows)),
                      time.monotonic() - started_at, tracker.experiment_id)
     failed = [c for c in codes if c != 0]
