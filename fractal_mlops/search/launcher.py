@@ -114,14 +114,13 @@ def launch_workers(settings: StudySettings, console: Console,
             "--study-name", settings.study_name, "--device", settings.device]
     if settings.config.source:
         base += ["--config", settings.config.source]
-    gpus = visible_gpus(device.type)
-    placed = placements(workers, gpus)  # worker i on GPU i mod G: CUDA_VISIBLE_DEVICES
-    on_gpus = ""
-    if gpus:
-        on_gpus = "; " + ", ".join(
-            f"GPU {escape(gpu)}: worker(s) "
-            + ",".join(str(i + 1) for i in range(workers) if placed[i]["CUDA_VISIBLE_DEVICES"] == gpu)
-            for gpu in gpus[:workers])
+    envs = worker_environments(workers, env, device.type)
+    by_gpu: dict[str, list[str]] = {}
+    for worker_env in envs:
+        if "CUDA_VISIBLE_DEVICES" in worker_env:
+            by_gpu.setdefault(worker_env["CUDA_VISIBLE_DEVICES"], []).append(
+                worker_env["FRACTAL_WORKER_INDEX"])
+    on_gpus = "".join(f"; GPU {escape(gpu)}: worker {', '.join(ids)}" for gpu, ids in by_gpu.items())
     console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
                   f"[bold]{settings.study_name}[/]{on_gpus}")
     with WorkerGroup() as group:  # a stop signal reaches every worker, once
@@ -132,7 +131,7 @@ def launch_workers(settings: StudySettings, console: Console,
                 if share == 0:
                     continue
                 argv += ["--n-trials", str(share)]
-            group.start(argv, {**env, **placed[index], "FRACTAL_WORKER_INDEX": str(index + 1)})
+            group.start(argv, envs[index])
         codes = group.wait()
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
@@ -147,6 +146,14 @@ def launch_workers(settings: StudySettings, console: Console,
                      time.monotonic() - started_at, tracker.experiment_id)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0
+
+
+def worker_environments(workers: int, env: dict[str, str], device_type: str) -> list[dict[str, str]]:
+    """Each worker's environment: `env`, its number (FRACTAL_WORKER_INDEX, from 1) and, on a
+    host with G GPUs (engine/gpus.py), GPU i mod G for worker i as its only CUDA device."""
+    placed = placements(workers, visible_gpus(device_type))
+    return [{**env, **placed[index], "FRACTAL_WORKER_INDEX": str(index + 1)}
+            for index in range(workers)]
 
 
 def _storage_url(spec: StorageSpec) -> str:
