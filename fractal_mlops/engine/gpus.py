@@ -59,8 +59,8 @@ def memory_share() -> str | float | None:
 
 def visible_gpus(device_type: str) -> list[str]:
     """The GPUs the launcher places its workers on, as a worker's CUDA_VISIBLE_DEVICES names
-    them: the entries of this process's CUDA_VISIBLE_DEVICES (indices, UUIDs or MIG names), else
-    indices from 0. FRACTAL_GPU_COUNT first; else, on CUDA, the devices CUDA reports."""
+    them: the first of this process's CUDA_VISIBLE_DEVICES entries (indices, UUIDs or MIG
+    names), else indices from 0; as many as FRACTAL_GPU_COUNT says, else as CUDA reports."""
     count = injected_gpu_count()
     if count is None:
         if device_type != "cuda":
@@ -70,7 +70,7 @@ def visible_gpus(device_type: str) -> list[str]:
         count = torch.cuda.device_count()
     listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
               if name.strip()]
-    if len(listed) >= count:
+    if listed:  # the host's own list bounds what its workers may see
         return listed[:count]
     return [str(index) for index in range(count)]
 

@@ -33,6 +33,8 @@ def test_four_workers_on_two_gpus_take_turns(no_gpu_settings):
     envs = worker_environments(3, {}, "cpu")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["GPU-aa", "GPU-bb", "GPU-aa"]
     assert [e["FRACTAL_WORKER_GPU"] for e in envs] == ["GPU-aa/2", "GPU-bb/1", "GPU-aa/2"]
+    no_gpu_settings.setenv("CUDA_VISIBLE_DEVICES", "3")  # never a GPU the host hides
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_environments(2, {}, "cpu")] == ["3", "3"]
 
 
 def test_without_gpus_workers_are_not_placed(no_gpu_settings):
