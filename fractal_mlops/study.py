@@ -22,6 +22,7 @@ from dataclasses import replace
 from fractal_mlops.cli import OneLineParser, make_console, run_command
 from fractal_mlops.config.experiment import check_study_name, load_config
 from fractal_mlops.config.sections import check_run
+from fractal_mlops.engine.gpus import injected_gpu_count, memory_share
 from fractal_mlops.search.settings import StudySettings
 from fractal_mlops.signals import InterruptGuard
 from fractal_mlops.stores.locations import check_tracking_uri, resolve_tracking_uri
@@ -69,6 +70,7 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     check_storage(storage)
     check_tracking_uri(tracking_uri)
     heartbeat_settings()  # a bad FRACTAL_HEARTBEAT_* is bad input, before any store is touched
+    injected_gpu_count(), memory_share()  # so is a bad FRACTAL_GPU_COUNT / _MEMORY_SHARE
     return StudySettings(config, study_name, tracking_uri, storage, run.device, run.workers,
                          run.n_trials)
 

@@ -55,6 +55,21 @@ def run_module(module: str, *args: str, cwd: Path | None = None, env: dict[str, 
 
 
 
+def other_host_command(hostname: str) -> list[str]:
+    """A prefix that runs a command under another host name, as a worker on another machine
+    (or in another Kubernetes pod) runs: a UTS namespace, which needs root. Where it cannot
+    run: the test is skipped, and fails under CI (servers.missing_tool)."""
+    import shutil
+
+    from servers import missing_tool
+
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "--uts", "true"], capture_output=True).returncode == 0:
+        return [unshare, "--uts", "sh", "-c", f'hostname {hostname} && exec "$@"', "sh"]
+    missing_tool("running a worker under another host name needs `unshare --uts` (root)")
+    return []
+
+
 def assert_refused(proc: subprocess.CompletedProcess, *words: str) -> str:
     """Bad input as the user sees it: exit code 2 and one line on stderr, no traceback, holding
     each of `words` (any case). Returns the line."""
@@ -128,8 +143,9 @@ class StudyDir:
         return clean_env(FRACTAL_MLOPS_CACHE=str(self.root / "cache"))
 
     def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("env", self.env())
         return subprocess.Popen([sys.executable, "-m", "fractal_mlops.study", *argv],
-                                cwd=self.root, env=self.env(), stdout=subprocess.PIPE,
+                                cwd=self.root, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kwargs)
 
     def run(self, *argv: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

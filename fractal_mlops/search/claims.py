@@ -6,6 +6,11 @@ heartbeat. While the trial trains, a thread refreshes the heartbeat. A RUNNING t
 worker is gone (its process, on this host; its heartbeat, elsewhere) is marked FAIL
 "worker lost" by the next worker that claims, so its point becomes pending again.
 
+A worker that finds no point left to claim while other workers still train waits (`others_training`
+says for what), taking over the point of any of them that is lost, and ends only when the grid
+is: so the last worker to exit, on any host, is one that saw the grid done (a Kubernetes Job
+whose pods exit 0 is then a finished grid).
+
 Optuna keeps no public API for creating a trial with its state and attributes in one call or
 for writing an attribute of a trial by ID from another thread: optuna_trials has those calls.
 """
@@ -27,6 +32,7 @@ from fractal_mlops.tracking.names import (
     HEARTBEAT_ATTR,
     PARAM_COUNT_ATTR,
     REASON_ATTR,
+    REPORTER_ATTR,
     RUN_ID_ATTR,
     VARIANT_ATTR,
     WORKER_ATTR,
@@ -34,6 +40,7 @@ from fractal_mlops.tracking.names import (
 from fractal_mlops.tracking.states import RETRYABLE, WORKER_LOST
 
 log = logging.getLogger(__name__)
+WAIT_SECONDS = 2.0  # at most this long between two looks of a worker waiting for the others
 
 if TYPE_CHECKING:
     import optuna
@@ -84,6 +91,36 @@ def claim_next(study: optuna.Study, variants: list[Variant]) -> tuple[Any, Varia
     trial = create_trial(study, variants, choice)
     position = len(variants) - len(pending) + 1
     return trial, choice, position
+
+
+def others_training(study: optuna.Study) -> list[str]:
+    """The points other workers train now ("variant (worker)"); call between trials, under the
+    claim lock, after recover_lost_trials."""
+    from optuna.trial import TrialState
+
+    return [f"{t.params.get(VARIANT_ATTR, '?')} ({t.user_attrs.get(WORKER_ATTR, '?')})"
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
+
+def wait_seconds() -> float:
+    """How often a worker with nothing to claim looks again: a lost worker cannot be noticed
+    sooner than its heartbeat lapses, and a finished grid should end every worker promptly."""
+    return min(WAIT_SECONDS, heartbeat_settings()[0])
+
+
+def take_report(study: optuna.Study) -> str | None:
+    """Whether this worker writes the report of the finished grid: None if it does, else the
+    worker that does. Workers that find the grid done together (the pods of one Job) leave it
+    to the first; a later run on the same finished grid, or one after that worker was lost,
+    writes it again. Call under the claim lock."""
+    mine = {"worker": worker_identity(), "heartbeat": time.time(),
+            "trials": len(study.get_trials(deepcopy=False))}
+    taken = study.user_attrs.get(REPORTER_ATTR)
+    if (isinstance(taken, dict) and taken.get("trials") == mine["trials"]
+            and not worker_is_gone(taken.get("worker"), taken.get("heartbeat"))):
+        return str(taken.get("worker"))
+    study.set_user_attr(REPORTER_ATTR, mine)
+    return None
 
 
 def resumable_run(study: optuna.Study, variant: Variant) -> str | None:

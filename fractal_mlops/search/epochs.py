@@ -47,6 +47,7 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
     import torch
 
     from fractal_mlops.engine.device import runtime_params
+    from fractal_mlops.engine.gpus import placement_params
 
     params: dict[str, Any] = {k: v for k, v in variant.to_dict().items() if k != "name"}
     training = config.to_dict()["training"]
@@ -56,6 +57,7 @@ def trial_params(variant: Variant, config: ExperimentConfig, data: Dataset, devi
     params.update(dataset=data.name, variant=variant.name, device=device, threads=threads,
                   data_mean=_rounded(data.mean), data_std=_rounded(data.std))
     params.update(runtime_params(torch.device(device)))
+    params.update(placement_params(device))  # the launcher's GPU for this worker
     return params
 
 

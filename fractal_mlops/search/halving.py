@@ -122,7 +122,8 @@ def next_work(ctx: TrialContext, progress: StudyProgress) -> RungWork | None:
         if waiting_since is None:
             waiting_since = time.monotonic()
             progress.console.print(f"{progress.prefix}waiting for {running} point(s) that other "
-                                   "workers train to the end of this rung")
+                                   "workers train to the end of this rung, to take over any "
+                                   "whose worker is lost")
         time.sleep(WAIT_SECONDS)
 
 

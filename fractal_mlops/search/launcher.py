@@ -19,14 +19,16 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from fractal_mlops.config.space import grid
 from fractal_mlops.engine.data import load_dataset
 from fractal_mlops.engine.device import resolve_device
+from fractal_mlops.engine.gpus import placements, visible_gpus
 from fractal_mlops.errors import EXIT_BAD_INPUT
 from fractal_mlops.search.preflight import check_feasible, check_workers
 from fractal_mlops.search.settings import StudySettings
-from fractal_mlops.search.worker import _summary, open_stores, show_leaderboard
+from fractal_mlops.search.worker import _summary, open_stores, report_elsewhere, show_leaderboard
 from fractal_mlops.signals import STOP_SIGNALS
 from fractal_mlops.stores.optuna_storage import StorageSpec
 from fractal_mlops.tracking.names import GRID_SIZE_ATTR
@@ -112,8 +114,15 @@ def launch_workers(settings: StudySettings, console: Console,
             "--study-name", settings.study_name, "--device", settings.device]
     if settings.config.source:
         base += ["--config", settings.config.source]
+    envs = worker_environments(workers, env, device.type)
+    by_gpu: dict[str, list[str]] = {}
+    for worker_env in envs:
+        if "CUDA_VISIBLE_DEVICES" in worker_env:
+            by_gpu.setdefault(worker_env["CUDA_VISIBLE_DEVICES"], []).append(
+                worker_env["FRACTAL_WORKER_INDEX"])
+    on_gpus = "".join(f"; GPU {escape(gpu)}: worker {', '.join(ids)}" for gpu, ids in by_gpu.items())
     console.print(f"starting {workers} workers ({threads} thread(s) each) on study "
-                  f"[bold]{settings.study_name}[/]")
+                  f"[bold]{settings.study_name}[/]{on_gpus}")
     with WorkerGroup() as group:  # a stop signal reaches every worker, once
         for index in range(workers):
             argv = list(base)
@@ -122,16 +131,29 @@ def launch_workers(settings: StudySettings, console: Console,
                 if share == 0:
                     continue
                 argv += ["--n-trials", str(share)]
-            group.start(argv, {**env, "FRACTAL_WORKER_INDEX": str(index + 1)})
+            group.start(argv, envs[index])
         codes = group.wait()
     if any(code == EXIT_BAD_INPUT for code in codes):
         return EXIT_BAD_INPUT
     rows = _summary(study, None, None, 0, settings.config.search.objectives)
-    before_summary()
+    reporter = report_elsewhere(settings, study) if all(c == 0 for c in codes) \
+        and settings.n_trials is None else None
+    if reporter is None:
+        before_summary()
+    else:
+        console.print(f"the grid is done; worker {escape(reporter)} writes the study report")
     show_leaderboard(console, settings, rows, study.user_attrs.get(GRID_SIZE_ATTR, len(rows)),
                      time.monotonic() - started_at, tracker.experiment_id)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0
+
+
+def worker_environments(workers: int, env: dict[str, str], device_type: str) -> list[dict[str, str]]:
+    """Each worker's environment: `env`, its number (FRACTAL_WORKER_INDEX, from 1) and, on a
+    host with G GPUs (engine/gpus.py), GPU i mod G for worker i as its only CUDA device."""
+    placed = placements(workers, visible_gpus(device_type))
+    return [{**env, **placed[index], "FRACTAL_WORKER_INDEX": str(index + 1)}
+            for index in range(workers)]
 
 
 def _storage_url(spec: StorageSpec) -> str:

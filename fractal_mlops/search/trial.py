@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, NoReturn
+
+from rich.markup import escape
 
 from fractal_mlops.config.space import Variant
 from fractal_mlops.errors import StopWorker, disk_full, is_outage, one_line
-from fractal_mlops.search.claims import Heartbeat, claim_next, points_done, recover_lost_trials, resumable_run
+from fractal_mlops.search.claims import (
+    Heartbeat,
+    claim_next,
+    others_training,
+    points_done,
+    recover_lost_trials,
+    resumable_run,
+    wait_seconds,
+)
 from fractal_mlops.search.epochs import TrialResults, train_and_log, trial_config_yaml, trial_params
 from fractal_mlops.search.outcome import Outcome, outcome_of
 from fractal_mlops.search.settings import TrialContext
@@ -34,27 +45,43 @@ PENDING = "its grid point stays pending and is trained then"
 
 
 def claim_and_run(ctx: TrialContext, progress: StudyProgress) -> bool:
-    """Claim the next pending grid point and train it; False when none is left.
+    """Claim the next pending grid point and train it; False when the grid is done. While
+    other workers still train the last points this waits, and takes over the point of a worker
+    that is lost (recover_lost_trials makes it pending), so that a worker ends only with the grid.
 
     Ctrl-C / SIGTERM wait from the claim until run_trial is ready to record them, so that an
-    interrupt never leaves a claimed trial or a started run behind unclosed.
+    interrupt never leaves a claimed trial or a started run behind unclosed; while waiting they
+    stop the worker at once.
     """
     settings = ctx.settings
-    ctx.interrupts.hold()  # released inside run_trial
-    try:
-        with claim_lock(settings.storage, settings.study_name):
-            recover_lost_trials(ctx.study, ctx.tracker)
-            claimed = claim_next(ctx.study, ctx.variants)
+    shown: list[str] | None = None
+    while True:
+        ctx.interrupts.hold()  # released inside run_trial
+        try:
+            with claim_lock(settings.storage, settings.study_name):
+                recover_lost_trials(ctx.study, ctx.tracker)
+                claimed = claim_next(ctx.study, ctx.variants)
+                others = others_training(ctx.study) if claimed is None else []
+            if claimed is not None:
+                trial, variant, position = claimed
+                progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
+                run_id, continued = _start_run(ctx, trial, variant,
+                                               resumable_run(ctx.study, variant))
+        except BaseException:
+            ctx.interrupts.release(raise_pending=False)
+            raise
         if claimed is not None:
-            trial, variant, position = claimed
-            progress.trial_started(position, len(ctx.variants), trial.number, variant.name)
-            run_id, continued = _start_run(ctx, trial, variant, resumable_run(ctx.study, variant))
-    except BaseException:
-        ctx.interrupts.release(raise_pending=False)
-        raise
-    if claimed is None:
+            break
         ctx.interrupts.release()
-        return False
+        if not others:
+            return False
+        if others != shown:
+            shown = others
+            progress.console.print(
+                f"{progress.prefix}no grid point left to claim; waiting for {len(others)} that "
+                f"other workers train, to take over any whose worker is lost: "
+                f"{escape(', '.join(others[:5]))}{' ...' if len(others) > 5 else ''}")
+        time.sleep(wait_seconds())
     run_trial(ctx, trial, variant, run_id, progress, continued)
     return True
 

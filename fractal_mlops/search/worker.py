@@ -15,13 +15,15 @@ from typing import Any
 import optuna
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from fractal_mlops.config.objectives import directions
 from fractal_mlops.config.space import Variant, grid
 from fractal_mlops.engine.data import load_dataset
 from fractal_mlops.engine.device import resolve_device
+from fractal_mlops.engine.gpus import cap_memory
 from fractal_mlops.errors import ConfigError
-from fractal_mlops.search.claims import close_orphaned_runs, grid_sampler, points_done
+from fractal_mlops.search.claims import close_orphaned_runs, grid_sampler, points_done, take_report
 from fractal_mlops.search.halving import describe_plan
 from fractal_mlops.search.halving_trial import claim_and_run_rung
 from fractal_mlops.search.preflight import check_feasible
@@ -60,6 +62,7 @@ def run_worker(settings: StudySettings, console: Console, interrupts: InterruptG
     closing lines (the study command refreshes the report there)."""
     config = settings.config
     device = resolve_device(settings.device)
+    cap_memory(device)  # FRACTAL_GPU_MEMORY_SHARE: this worker's share of a shared GPU
     # on a GPU too: N workers that each start a thread pool over every core slow each other
     torch.set_num_threads(int(os.environ.get("FRACTAL_THREADS", torch.get_num_threads())))
     data = load_dataset(config.data)  # a bad dataset fails here, before any store is touched
@@ -80,7 +83,7 @@ def run_worker(settings: StudySettings, console: Console, interrupts: InterruptG
                   f"{done} done, device {device.type}")
     context = TrialContext(study, tracker, parent_run_id, settings, data, device, variants,
                            interrupts)
-    started = 0
+    started, grid_done = 0, False
     halving = config.search.mode == "halving"
     if halving:
         console.print(f"{prefix}{describe_plan(config, len(variants))}")
@@ -88,14 +91,25 @@ def run_worker(settings: StudySettings, console: Console, interrupts: InterruptG
                        prefix=prefix) as progress:
         while settings.n_trials is None or started < settings.n_trials:
             if not (claim_and_run_rung if halving else claim_and_run)(context, progress):
+                grid_done = True  # every point finished: no other worker trains one
                 break
             started += 1
     rows = _summary(study, tracker, parent_run_id, len(variants), config.search.objectives)
     if not prefix:  # a worker among several leaves the report and leaderboard to its launcher
-        before_summary()
+        reporter = report_elsewhere(settings, study) if grid_done else None
+        if reporter is None:
+            before_summary()
+        else:
+            console.print(f"the grid is done; worker {escape(reporter)} writes the study report")
         show_leaderboard(console, settings, rows, len(variants), time.monotonic() - started_at,
                          tracker.experiment_id)
     return 0
+
+
+def report_elsewhere(settings: StudySettings, study: optuna.Study) -> str | None:
+    """The worker that writes the finished grid's report, if not this one (claims.take_report)."""
+    with claim_lock(settings.storage, settings.study_name):
+        return take_report(study)
 
 
 def open_stores(settings: StudySettings, variants: list[Variant]):

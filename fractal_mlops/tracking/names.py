@@ -35,3 +35,5 @@ RUNG_ATTR, RUNG_DONE_ATTR = "rung", "rung_done"  # halving: the rung it trains, 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CONFIG_SHA_ATTR = "config_sha256"
 GRID_SIZE_ATTR = "grid_size"
+# who writes the report of the finished grid: {"worker", "heartbeat", "trials"} (claims.take_report)
+REPORTER_ATTR = "reporter"

@@ -7,7 +7,14 @@ import collections
 import signal
 
 import pytest
-from helpers import LONG_TRIAL, StudyDir, finished_points, kill_mid_trial_then_resume, write_config
+from helpers import (
+    LONG_TRIAL,
+    StudyDir,
+    finished_points,
+    kill_mid_trial_then_resume,
+    other_host_command,
+    write_config,
+)
 
 
 @pytest.mark.slow
@@ -175,20 +182,6 @@ def test_the_heartbeat_refreshes_while_the_trial_runs(tmp_path, monkeypatch):
     assert not heartbeat._thread.is_alive()
 
 
-def _other_host_command() -> list[str]:
-    """A prefix that runs a command under another host name (a UTS namespace: needs root)."""
-    import shutil
-    import subprocess
-
-    from servers import missing_tool
-
-    unshare = shutil.which("unshare")
-    if unshare and subprocess.run([unshare, "--uts", "true"], capture_output=True).returncode == 0:
-        return [unshare, "--uts", "sh", "-c", 'hostname far-host && exec "$@"', "sh"]
-    missing_tool("running a worker under another host name needs `unshare --uts` (root)")
-    return []
-
-
 @pytest.mark.slow
 def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyDir, monkeypatch):
     """A worker under another host name trains past the grace period; its heartbeat keeps its
@@ -205,7 +198,7 @@ def test_a_live_worker_on_another_host_is_never_taken_for_lost(study_dir: StudyD
                                  "unit": ["conv-norm-act"]}, training={"epochs": 2000})
     env = {**study_dir.env(), "FRACTAL_HEARTBEAT_SECONDS": "0.5", "FRACTAL_HEARTBEAT_GRACE": "2"}
     far = subprocess.Popen(
-        [*_other_host_command(), sys.executable, "-m", "fractal_mlops.study", "--config",
+        [*other_host_command("far-host"), sys.executable, "-m", "fractal_mlops.study", "--config",
          str(config), *study_dir.args()], cwd=study_dir.root, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
