@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fractal_mlops.errors import TrialStopped
+from fractal_mlops.signals import stop_signals_held
 
 if TYPE_CHECKING:
     import torch
@@ -169,13 +170,16 @@ def train_and_log(tracker: Tracker, run_id: str, variant: Variant, data: Dataset
         trainer.on_checkpoint = save
     chance = 1.0 / data.num_classes
     for result in trainer.epochs(stop=stop_at):
-        record_epoch(tracker, run_id, result, results, trainer.train_seconds)
-        hook_reason = on_epoch(result) if on_epoch is not None else None
-        reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
-        if reason or hook_reason:
-            raise TrialStopped(reason or hook_reason)
-        if checkpoints and trainer.epochs_done < settings.epochs:
-            save(trainer.state_dict())
+        # an epoch's log and its checkpoint go together: a Ctrl-C between them would train the
+        # epoch again on resume and log it twice, so it waits for the save
+        with stop_signals_held():
+            record_epoch(tracker, run_id, result, results, trainer.train_seconds)
+            hook_reason = on_epoch(result) if on_epoch is not None else None
+            reason = divergence_reason(result.val_acc, result.epoch, chance, config.pruning)
+            if reason or hook_reason:
+                raise TrialStopped(reason or hook_reason)
+            if checkpoints and trainer.epochs_done < settings.epochs:
+                save(trainer.state_dict())
     if trainer.epochs_done < settings.epochs:
         if len(config.search.objectives) > 1:  # a halving rung ranks by the costs too
             results.cost = trainer.inference_cost()
