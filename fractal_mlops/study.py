@@ -15,6 +15,7 @@ neither torch, timm nor mlflow.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import replace
@@ -32,6 +33,8 @@ from fractal_mlops.stores.optuna_storage import (
     heartbeat_settings,
     resolve_storage,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,19 +90,36 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = replace(resolve_settings(args), report=not args.no_report)
     from fractal_mlops.reporting.build import study_finished
+    from fractal_mlops.reporting.importance import importance_markdown
     from fractal_mlops.search.launcher import launch_workers
     from fractal_mlops.search.worker import run_worker  # torch, optuna, mlflow: input is good
     from fractal_mlops.tracking.tracker import configure
 
     def refresh_report() -> None:  # before the closing lines, which end with the UI's URL
-        if settings.report:
-            study_finished(settings.tracking_uri, settings.study_name)
+        if not settings.report:
+            return
+        written = study_finished(settings.tracking_uri, settings.study_name)
+        if written is not None and written.data.importance:
+            dashboard_note(settings, importance_markdown(
+                written.data.importance, len(written.data.ranked), written.data.parent_run_id))
 
     configure(settings.tracking_uri)
     interrupts = InterruptGuard().install()  # a stop signal now raises errors.Stopped
     if settings.workers > 1:
         return launch_workers(settings, make_console(), refresh_report)
     return run_worker(settings, make_console(), interrupts, refresh_report)
+
+
+def dashboard_note(settings: StudySettings, body: str) -> None:
+    """The importance panel as the study's note in optuna-dashboard; like the report, never
+    fails the study."""
+    from fractal_mlops.stores.optuna_storage import save_dashboard_note
+
+    try:
+        save_dashboard_note(settings.storage, settings.study_name, body)
+    except Exception as exc:  # noqa: BLE001 - a view of work that is done
+        log.warning("the optuna-dashboard note was not written: %s",
+                    " ".join(str(exc).split())[:300])
 
 
 if __name__ == "__main__":

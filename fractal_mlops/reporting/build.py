@@ -101,8 +101,9 @@ def build_report(tracking_uri: str, experiment: str, out: Path | None, top: int)
     return Written(out, sorted(files), data, data.parent_run_id is not None)
 
 
-def study_finished(tracking_uri: str, experiment: str) -> None:
-    """The study's end: refresh its report. Never fails the study (a warning line instead)."""
+def study_finished(tracking_uri: str, experiment: str) -> Written | None:
+    """The study's end: refresh its report. Never fails the study (a warning line instead,
+    and None)."""
     # A worker recording into a tracking server keeps nothing on its own disk: the report is
     # on the study run. With a local store, a copy goes beside it.
     local = not tracking_uri.startswith(("http://", "https://", "databricks"))
@@ -111,10 +112,11 @@ def study_finished(tracking_uri: str, experiment: str) -> None:
                                default_out_dir(experiment) if local else None, DEFAULT_TOP)
     except Exception as exc:  # noqa: BLE001 - the report is a view; the study's work is done
         log.warning("the study report was not built: %s", " ".join(str(exc).split())[:300])
-        return
+        return None
     logged = "the study run (Artifacts: report/report.html)" if written.logged else ""
     if written.out is None:
         print(f"report: on {logged}")
     else:
         where = f" and on {logged}" if logged else ""
         print(f"report: {(written.out / 'report.html').absolute()}{where}")
+    return written

@@ -120,7 +120,7 @@ def accuracy_vs_latency(data: StudyData) -> Figure | None:
 
 def parameter_importance(data: StudyData) -> Figure | None:
     """Each varying dimension's importance for final val acc, per evaluator (importance.py)."""
-    from fractal_mlops.reporting.importance import EVALUATORS, ranking
+    from fractal_mlops.reporting.importance import EVALUATORS, LABELS, ranking
 
     dims = ranking(data.importance)
     if not dims:
@@ -132,7 +132,7 @@ def parameter_importance(data: StudyData) -> Figure | None:
     for i, (name, color) in enumerate(zip(evaluators, ("#1e88e5", "#fb8c00"), strict=False)):
         ax.barh([y + i * height for y in range(len(dims))],
                 [data.importance[name].get(d, 0.0) for d in dims], height=height, color=color,
-                label={"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}[name])
+                label=LABELS[name])
     ax.set_yticks([y + height * (len(evaluators) - 1) / 2 for y in range(len(dims))], dims)
     ax.invert_yaxis()  # the most important on top
     ax.set(xlabel="importance for final val acc (each evaluator sums to 1)",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fractal_mlops.reporting.data import TrialRecord
 
 EVALUATORS = ("fanova", "ped_anova")
+LABELS = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}
 MIN_TRIALS = 3  # fewer COMPLETE trials say nothing about importance
 TOP_TRIALS = 3  # PED-ANOVA's "good" trials: the top 10 %, but at least this many
 log = logging.getLogger(__name__)
@@ -84,3 +85,33 @@ def importance_csv(scores: dict[str, dict[str, float]]) -> str:
         writer.writerow([dim, *(f"{scores[e][dim]:.6f}" if dim in scores.get(e, {}) else ""
                                 for e in EVALUATORS)])
     return out.getvalue()
+
+
+def importance_markdown(scores: dict[str, dict[str, float]], n_trials: int,
+                        parent_run_id: str | None) -> str:
+    """The panel as Markdown, for the study's note in optuna-dashboard (beside its own
+    importance card, which is PED-ANOVA with the dashboard's settings and counts `variant`)."""
+    order = ranking(scores)
+    first = next(e for e in EVALUATORS if e in scores)
+    lines = ["## Which template dimension mattered", "",
+             f"**{order[0]}** mattered most ({LABELS[first]} {scores[first][order[0]]:.2f}).", "",
+             f"fANOVA and PED-ANOVA on `final_val_acc` over the {n_trials} COMPLETE trials, "
+             "each summing to 1, most important first (fractal_mlops' study report, "
+             "refreshed when a study run ends):", "",
+             "| dimension | fANOVA | PED-ANOVA |", "|---|---|---|"]
+    for dim in order:
+        cells = [f"{scores[e][dim]:.2f}" if dim in scores.get(e, {}) else "-" for e in EVALUATORS]
+        lines.append(f"| {dim} | {' | '.join(cells)} |")
+    lines += ["",
+              "- fANOVA: the share of the accuracy's variance over the grid that the dimension "
+              "explains.",
+              "- PED-ANOVA: how far the best trials (the top 10 %, at least 3) differ from all "
+              "of them in that dimension: what the best networks share.",
+              "- The **Hyperparameter Importance** card on the study's first page is "
+              "optuna-dashboard's own PED-ANOVA: its top 10 % (about "
+              f"{max(1, round(n_trials / 10))} of these {n_trials} networks) around the best "
+              "ones, with `variant` among the params (every trial holds its own value of it)."]
+    if parent_run_id:
+        lines += ["", f"The full report: MLflow run `{parent_run_id}` (the study run), "
+                  "Artifacts: `report/report.html`."]
+    return "\n".join(lines) + "\n"

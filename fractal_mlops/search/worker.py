@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -149,6 +150,10 @@ def _load_or_create_study(settings: StudySettings, variants: list[Variant]) -> o
         raise ConfigError(f"study {settings.study_name!r} already exists with a different "
                           "config and trained under it; pass another --study-name to start a "
                           "new study")
+    if study.metric_names is None:  # optuna-dashboard then names its axes, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental since Optuna 3.2
+            study.set_metric_names(list(config.search.objectives))
     return study
 
 

@@ -128,6 +128,14 @@ def open_storage(spec: StorageSpec):
     return storage
 
 
+def save_dashboard_note(spec: StorageSpec, study_name: str, body: str) -> None:
+    """`body` (Markdown) as the study's note: optuna-dashboard shows it on the study's page."""
+    import optuna
+    from optuna_dashboard import save_note
+
+    save_note(optuna.load_study(study_name=study_name, storage=open_storage(spec)), body)
+
+
 @contextlib.contextmanager
 def claim_lock(spec: StorageSpec, study_name: str) -> Iterator[None]:
     """Mutual exclusion among all workers of one study while a grid point is claimed."""

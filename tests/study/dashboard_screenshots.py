@@ -4,10 +4,11 @@ real chromium over a study's Optuna storage. Not a test: run it by hand after a 
     python tests/study/dashboard_screenshots.py sqlite:///optuna.db OUT_DIR [--chromium PATH]
 
 It starts optuna-dashboard on the storage (a free port on 127.0.0.1), opens the first study's
-page (hyperparameter importance) and its Smart Selection page (parallel coordinates, without
-the `variant` axis), photographs each plot's card, writes
-optuna-dashboard-importance.png and optuna-dashboard-parallel.png to OUT_DIR, and stops the
-dashboard. Playwright drives the system chromium (it cannot download its own browsers here).
+note (the report's importance panel), its first page (hyperparameter importance) and its Smart
+Selection page (parallel coordinates, without the `variant` axis), photographs each card, writes
+optuna-dashboard-note.png, optuna-dashboard-importance.png and optuna-dashboard-parallel.png to
+OUT_DIR, and stops the dashboard. Playwright drives the system chromium (it cannot download
+its own browsers here).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 # file -> (page under the study, the card to photograph)
 PAGES = {"optuna-dashboard-importance.png": ("", "Hyperparameter Importance"),
+         "optuna-dashboard-note.png": ("/note", "Which template dimension mattered"),
          "optuna-dashboard-parallel.png": ("/smartSelection", "Parallel Coordinate")}
 
 

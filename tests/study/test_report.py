@@ -302,3 +302,49 @@ def test_complete_trials_record_cost_metrics_and_optuna_params_per_dimension(stu
     varied = {d for d in DIMENSIONS if len(optuna_study.trials[0].distributions[d].choices) > 1}
     assert varied == {"unit", "norm", "activation"}  # norm: "none" where the unit has none
     assert sum(scores[d] for d in varied) == pytest.approx(1.0)  # the others cannot matter
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_shows_the_importance_panel_and_the_objective_names(studied):
+    """What a user sees on the study's page in a real optuna-dashboard server: the note with
+    the report's importance table (the same numbers as importance.csv, in its order) and the
+    objective named after its metric."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    study, _, _, parent = studied
+    with open(study.root / "mlruns" / "reports" / EXPERIMENT / "importance.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; sys.exit(main())",
+         study.storage.removeprefix("journal:"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/studies"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = json.load(urllib.request.urlopen(base, timeout=5))["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "no dashboard"
+                time.sleep(0.5)
+        [summary] = [s for s in studies if s["study_name"] == EXPERIMENT]
+        detail = json.load(urllib.request.urlopen(f"{base}/{summary['study_id']}", timeout=30))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert detail["objective_names"] == ["final_val_acc"]
+    body = detail["note"]["body"]
+    assert "## Which template dimension mattered" in body and parent.info.run_id in body
+    table = [line.strip("|").split("|") for line in body.splitlines()
+             if line.startswith("| ") and not line.startswith("| dimension")]
+    assert [cells[0].strip() for cells in table] == [row["dimension"] for row in rows]
+    for cells, row in zip(table, rows, strict=True):
+        assert float(cells[1]) == pytest.approx(float(row["fanova"]), abs=0.005)
+        assert float(cells[2]) == pytest.approx(float(row["ped_anova"]), abs=0.005)
