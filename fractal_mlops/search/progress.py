@@ -24,8 +24,8 @@ from fractal_mlops.tracking.states import RETRYABLE, TrialState
 class StudyProgress:
     """Grid position, variant, epoch, val acc and time left, on one live display.
 
-    With `live=False` (a worker among several, or output that is not a terminal) it prints one
-    line per finished trial instead.
+    With `live=False` (a worker among several, or output that is not a terminal: a log file,
+    `kubectl logs`) it prints a line per finished epoch and per finished trial instead.
     """
 
     def __init__(self, console: Console, grid_size: int, done: int, epochs: int,
@@ -43,6 +43,7 @@ class StudyProgress:
         self.grid_task = self.progress.add_task("grid", total=grid_size, completed=done,
                                                 detail="")
         self.trial_task = self.progress.add_task("trial", total=epochs, detail="", visible=False)
+        self.trial_number = -1
 
     def __enter__(self) -> StudyProgress:
         self.progress.start()
@@ -52,13 +53,17 @@ class StudyProgress:
         self.progress.stop()
 
     def trial_started(self, position: int, grid_size: int, trial_number: int, variant: str) -> None:
+        self.trial_number = trial_number
         self.progress.reset(self.trial_task, total=self.epochs, visible=True,
                             description=f"[{position}/{grid_size}] trial {trial_number}",
                             detail=variant)
 
     def epoch_done(self, epoch: int, val_acc: float, variant: str) -> None:
-        self.progress.update(self.trial_task, completed=epoch,
-                             detail=f"{variant}  epoch {epoch}/{self.epochs}  val_acc {val_acc:.3f}")
+        detail = f"{variant}  epoch {epoch}/{self.epochs}  val_acc {val_acc:.3f}"
+        self.progress.update(self.trial_task, completed=epoch, detail=detail)
+        if not self.live:  # hours between trial lines at the paper's width
+            self.console.print(f"{self.prefix}trial {self.trial_number:>4} {'':<8} {escape(detail)}",
+                               highlight=False)
 
     def trial_done(self, done: int, trial_number: int, variant: str, state: str,
                    value: float | None, reason: str | None) -> None:

@@ -64,6 +64,11 @@ def test_default_study_runs_the_whole_grid_and_shows_a_leaderboard(quickstart):
                key=lambda r: r.data.metrics["final_val_acc"])
     assert best.data.params["variant"] in proc.stdout
     assert best.data.metrics["final_val_acc"] >= 0.9  # digits is easy for a good variant
+    # output that is not a terminal (a log file, kubectl logs) has a line per epoch
+    history = study.client().get_metric_history(best.info.run_id, "val_acc")
+    for point in history:
+        assert (f"{best.data.params['variant']}  epoch {point.step}/{len(history)}  "
+                f"val_acc {point.value:.3f}") in proc.stdout
 
 
 @pytest.mark.slow
