@@ -128,12 +128,21 @@ def open_storage(spec: StorageSpec):
     return storage
 
 
-def save_dashboard_note(spec: StorageSpec, study_name: str, body: str) -> None:
-    """`body` (Markdown) as the study's note: optuna-dashboard shows it on the study's page."""
+def save_dashboard_note(spec: StorageSpec, study_name: str, section: str) -> None:
+    """`section` (Markdown, from its first line, a heading) as the end of the study's note,
+    which optuna-dashboard shows on its Note page: what a person wrote above an earlier copy of
+    the section stays, the earlier copy and anything below it are replaced."""
     import optuna
     from optuna_dashboard import save_note
+    from optuna_dashboard._note import get_note_from_system_attrs
 
-    save_note(optuna.load_study(study_name=study_name, storage=open_storage(spec)), body)
+    storage = open_storage(spec)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    attrs = storage.get_study_system_attrs(storage.get_study_id_from_name(study_name))
+    body = get_note_from_system_attrs(attrs, None)["body"]
+    heading = section.splitlines()[0]
+    kept = body[: body.index(heading)] if heading in body else body
+    save_note(study, f"{kept.rstrip()}\n\n{section}" if kept.strip() else section)
 
 
 @contextlib.contextmanager

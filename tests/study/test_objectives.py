@@ -120,3 +120,27 @@ def test_the_default_objective_keeps_the_config_hash_of_earlier_studies(tmp_path
             "mode": mode, "objectives": ["final_val_acc", "flops"]}))
         assert "objectives" not in plain.to_yaml()
         assert plain.sha256 == default.sha256 != other.sha256
+
+
+def test_the_dashboard_note_keeps_what_a_person_wrote_above_it(tmp_path):
+    """The study rewrites its importance section of the note at every run; a person's notes
+    above it stay (on a real journal storage, read back as optuna-dashboard reads it)."""
+    import optuna
+    from optuna_dashboard import save_note
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    from fractal_mlops.stores.optuna_storage import open_storage, resolve_storage, save_dashboard_note
+
+    spec = resolve_storage(f"journal:{tmp_path / 'optuna.journal'}", None)
+    study = optuna.create_study(study_name="s", storage=open_storage(spec))
+
+    def note() -> str:
+        storage = open_storage(spec)
+        return get_note_from_system_attrs(storage.get_study_system_attrs(study._study_id),
+                                          None)["body"]
+
+    save_dashboard_note(spec, "s", "## Which template dimension mattered\n\nfirst\n")
+    assert note() == "## Which template dimension mattered\n\nfirst\n"
+    save_note(study, "Mine: rerun with seed 1.\n\n" + note())  # a person edits it in the UI
+    save_dashboard_note(spec, "s", "## Which template dimension mattered\n\nsecond\n")
+    assert note() == "Mine: rerun with seed 1.\n\n## Which template dimension mattered\n\nsecond\n"
