@@ -310,16 +310,15 @@ def test_optuna_dashboard_shows_the_importance_panel_and_the_objective_names(stu
     the report's importance table (the same numbers as importance.csv, in its order) and the
     objective named after its metric."""
     import json
-    import socket
     import time
     import urllib.request
+
+    from dashboard_screenshots import free_port
 
     study, _, _, parent = studied
     with open(study.root / "mlruns" / "reports" / EXPERIMENT / "importance.csv") as handle:
         rows = list(csv.DictReader(handle))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; sys.exit(main())",
          study.storage.removeprefix("journal:"), "--host", "127.0.0.1", "--port", str(port)],
