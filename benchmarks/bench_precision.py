@@ -10,7 +10,8 @@ ReLU, local+global drop-path), in one process:
 Printed: each setting's median step time against the best fixed one; auto's ratio, the time
 of the setting it chose against the best in the same lockstep (target <= 1.05), and the same
 setting as a second model (how far two identical models differ: the measurement's noise); the
-step's nominal GFLOP/s (forward + backward FLOPs as torch's FlopCounterMode counts them)
+step's nominal GFLOP/s (forward + backward FLOPs as torch's FlopCounterMode counts them;
+every timed step runs the whole network, as autotune.step_times makes it)
 against this machine's measured bf16 and fp32 peaks (a large matmul, and a 3x3 convolution as
 oneDNN runs the network's); and the size of a trial's checkpoint (model, optimizer, RNG
 streams) for the width-64 networks.
@@ -78,9 +79,22 @@ def step_flops(variant: dict, data: Dataset) -> float:
     trainer = Trainer(variant, data, dataclasses.replace(SETTINGS, amp="off",
                                                          memory_format="contiguous"))
     images, labels = next(iter(trainer.train_loader))
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step(images, labels)
+    with FlopCounterMode(display=False) as counter, autotune.whole_network(trainer.model):
+        trainer.train_step(images, labels)  # every column, as the timed steps run
     return float(counter.get_total_flops())
+
+
+def trial_mean_step(trainer: Trainer, steps: int = 40) -> float:
+    """Mean step (ms) with the drop-path draws of training (half of the steps one column
+    alone): what a real epoch's steps cost on average, data loading aside."""
+    images, labels = next(iter(trainer.train_loader))
+    trainer.model.train()
+    for _ in range(3):
+        trainer.train_step(images, labels)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(images, labels)
+    return 1000 * (time.perf_counter() - start) / steps
 
 
 def peak(dtype: torch.dtype, seconds: float = 2.0) -> tuple[float, float]:
@@ -166,6 +180,8 @@ def main() -> int:
               + (f"; per-block mix / auto = {ms['mixed'] / ms[choice.precision.name]:.2f}"
                  if "mixed" in ms else ""))
         if variant["width"] >= 64:
+            print(f"  a trial's mean step in auto's choice, drop-path drawn as in training: "
+                  f"{trial_mean_step(trainers['auto']):.1f} ms")
             print(f"  checkpoint of a running trial: {checkpoint_mb(trainers['auto']):.0f} MB")
     print(f"\nworst auto / best fixed over {len(names)} variants: {worst:.3f} (target <= 1.05)")
     return 0

@@ -4,7 +4,11 @@ network, timed on the trial's device as cuDNN's benchmark mode times kernels.
 No one setting is right for every network: on a CPU with AMX, bf16 contiguous is fastest for
 b5-c2-w64, bf16 channels_last for b3-c3-w16, by up to 2x either way (benchmarks/RESULTS.md).
 The candidates take training steps in lockstep (one step each, round after round), so a load
-that comes and goes on the machine slows them alike; the median step of each decides.
+that comes and goes on the machine slows them alike; the median step of each decides. Every
+timed step runs the whole network: with local+global drop-path a training step otherwise runs
+one column alone for half of the mini-batches (a third of the work for two columns), and a
+candidate whose timed steps happened to draw the cheap ones looked up to 2.8x faster than it
+trains (benchmarks/RESULTS.md).
 
     choice = choose(variant, data, settings, device, cache)   # Precision + what was measured
     Trainer(variant, data, settings, device, precision=choice.precision)
@@ -94,7 +98,32 @@ def step_times(trainers: list[Trainer], min_rounds: int = MIN_ROUNDS,
                min_seconds: float = MIN_SECONDS, max_rounds: int = MAX_ROUNDS) -> list[float]:
     """Median training-step time (ms) of each trainer, stepped in turn on its first batch: at
     least `min_rounds` timed rounds, more for a cheap network until `min_seconds` have gone by
-    (a step of a few milliseconds is noisy), at most `max_rounds`."""
+    (a step of a few milliseconds is noisy), at most `max_rounds`. Every step runs the whole
+    network (`whole_network`), so that every candidate is timed on the same work."""
+    with contextlib.ExitStack() as stack:
+        for trainer in trainers:
+            stack.enter_context(whole_network(trainer.model))
+        return _step_times(trainers, min_rounds, min_seconds, max_rounds)
+
+
+@contextlib.contextmanager
+def whole_network(model: torch.nn.Module) -> Iterator[None]:
+    """Training steps that run every column: local+global drop-path becomes local alone for the
+    block (local drop-path computes every column and drops at the joins, so the work of a step
+    does not depend on the draws). A real epoch's mean step costs less: half of its steps
+    run one column alone."""
+    before = getattr(model, "drop_path", None)
+    if before == "local+global":
+        model.drop_path = "local"
+    try:
+        yield
+    finally:
+        if before == "local+global":
+            model.drop_path = before
+
+
+def _step_times(trainers: list[Trainer], min_rounds: int, min_seconds: float,
+                max_rounds: int) -> list[float]:
     batches = [next(iter(trainer.train_loader)) for trainer in trainers]
     times: list[list[float]] = [[] for _ in trainers]
     started, round_ = time.perf_counter(), 0

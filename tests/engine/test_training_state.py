@@ -114,6 +114,28 @@ def test_precision_auto_measures_once_per_network_and_leaves_the_trial_unchanged
         Trainer(VARIANT, digits, settings, precision=first.precision).epochs(stop=1))
 
 
+def test_precision_auto_times_every_candidate_on_the_whole_network(digits):
+    """With local+global drop-path, half of a trial's steps run one column alone. If the
+    candidates' timed steps drew different columns, the one that drew the cheap steps would
+    win: every timed step runs every column, and the model trains as configured afterwards."""
+    options = candidates(dataclasses.replace(SETTINGS, memory_format="auto"), torch.device("cpu"))
+    trainers = [Trainer(VARIANT, digits, SETTINGS, precision=option) for option in options]
+    plans: list[list] = [[] for _ in trainers]
+    for trainer, seen in zip(trainers, plans, strict=True):
+        draw = trainer.model._drop_plan
+        trainer.model._drop_plan = lambda draw=draw, seen=seen: seen.append(draw()) or seen[-1]
+    autotune.step_times(trainers, min_rounds=20, min_seconds=0.0)
+    for seen in plans:
+        assert len(seen) >= 20 and all(column is None for column, _ in seen)
+        assert all(drop_prob == trainers[0].model.local_drop_prob > 0 for _, drop_prob in seen)
+    assert all(trainer.model.drop_path == "local+global" for trainer in trainers)
+    # and a trial's own steps still run one column alone about half of the time
+    seen = plans[0]
+    seen.clear()
+    list(trainers[0].epochs(stop=1))
+    assert 0.3 < sum(column is not None for column, _ in seen) / len(seen) < 0.7
+
+
 def test_a_fixed_setting_is_not_timed(digits):
     choice = autotune.choose(VARIANT, digits, SETTINGS, torch.device("cpu"), cache={})
     assert choice.precision == Precision(None, False) and choice.step_ms == {}
