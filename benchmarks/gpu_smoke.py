@@ -263,12 +263,12 @@ def check_cpu_load(device, data, folder: Path) -> None:
          "(limit 1e-4)")
 
 
-def check_workers(device, folder: Path, counts: list[int]) -> None:
+def check_workers(device, folder: Path, counts: list[int], images: int) -> None:
     import sqlite3
 
     config = folder / "workers.yaml"
     config.write_text(json.dumps({  # JSON is YAML
-        "study_name": "smoke-workers", "data": {"name": "synthetic", "synthetic_size": 2000},
+        "study_name": "smoke-workers", "data": {"name": "synthetic", "synthetic_size": images},
         "space": {"blocks": [1, 2], "columns": [1, 2], "width": [32],
                   "unit": ["conv-norm-act"]},
         "training": {"epochs": 1, "batch_size": 16, "amp": "auto"}}))
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--workers", default="1,2,4", help="worker counts to try (default 1,2,4)")
-    parser.add_argument("--images", type=int, default=2000, help="synthetic images per check")
+    parser.add_argument("--images", type=int, default=2000, help="synthetic images per check (default 2000)")
     args = parser.parse_args(argv)
     import torch
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         check_fp16(device, data)
         check_memory(device)
         check_cpu_load(device, data, folder)
-        check_workers(device, folder, [int(n) for n in args.workers.split(",")])
+        check_workers(device, folder, [int(n) for n in args.workers.split(",")], args.images)
     passed = sum(RESULTS)
     print(f"{passed} of {len(RESULTS)} checks passed in {time.perf_counter() - started:.0f} s")
     return 0 if passed == len(RESULTS) else 1

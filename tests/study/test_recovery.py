@@ -120,9 +120,8 @@ def test_a_tracking_server_that_goes_away_stops_the_worker_and_the_point_is_trai
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, not after minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
-    # long enough that the trial still trains while the server stops (a few seconds)
-    config = write_config(tmp_path / "tiny.yaml", study_name="outage",
-                          **{**LONG_TRIAL, "training": {"epochs": 150}})
+    # LONG_TRIAL's 40 epochs: the trial still trains while the server stops (a few seconds)
+    config = write_config(tmp_path / "tiny.yaml", study_name="outage", **LONG_TRIAL)
     with mlflow_server(backend, artifacts) as uri:
         study = StudyDir(tmp_path, tracking_uri=uri)
         proc = study.popen("--config", str(config), *study.args())
