@@ -77,6 +77,8 @@ MUTANTS = [
     Mutant("precision: auto takes the slowest", "engine/autotune.py",
            "best = min(options, key=lambda option: step_ms[option.name])",
            "best = max(options, key=lambda option: step_ms[option.name])", (RESUME,)),
+    Mutant("precision: candidates timed on their own drop-path draws", "engine/autotune.py",
+           "        model.drop_path = \"local\"\n", "        pass\n", (RESUME,)),
     Mutant("precision: measuring moves the random streams", "engine/autotune.py",
            "        torch.set_rng_state(state[0])\n", "", (RESUME,)),
     Mutant("data: normalized with the whole set's statistics", "engine/data.py",
