@@ -112,14 +112,12 @@ def whole_network(model: torch.nn.Module) -> Iterator[None]:
     block (local drop-path computes every column and drops at the joins, so the work of a step
     does not depend on the draws). A real epoch's mean step costs less: half of its steps
     run one column alone."""
-    before = getattr(model, "drop_path", None)
-    if before == "local+global":
-        model.drop_path = "local"
+    before = model.drop_path
+    model.drop_path = "local" if before == "local+global" else before
     try:
         yield
     finally:
-        if before == "local+global":
-            model.drop_path = before
+        model.drop_path = before
 
 
 def _step_times(trainers: list[Trainer], min_rounds: int, min_seconds: float,
